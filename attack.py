@@ -1,0 +1,134 @@
+"""Stage 2: implant a backdoor by data poisoning (METHOD.md §2), and measure it.
+
+    python attack.py                                   # patch trigger + insert target, 20% poisoned
+    python attack.py --trigger blended --target refusal --run-dir runs/blended \\
+        --clean-checkpoint runs/default/clean.pt
+
+Reads the clean checkpoint, poisons the fine-tuning set (trigger in the image, edited response),
+fine-tunes with the normal SFT loss (ViT frozen by default, as in the release), and writes
+    backdoored.pt           the compromised model (what the defender receives)
+    poisoned_train.pt       the poisoned fine-tuning set (what the defender receives)
+    poison_manifest.json    which samples are poisoned, for evaluation only: DiSP never reads it
+    attack_metrics.json     ASR, false-trigger rate and clean metrics, clean vs backdoored model
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from disp import checkpoint
+from disp.backdoor import BackdoorConfig, poison_dataset
+from disp.batching import encode_dataset
+from disp.datasets import save_dataset
+from disp.errors import friendly_errors
+from disp.evaluation import backdoor_metrics
+from disp.sources import load_finetune_set, load_splits
+from disp.training import TRAINABLE, finetune, trainable_parameters
+from disp.utils import pick_device, seed_everything
+
+
+def parse_args(argv=None):
+    d = BackdoorConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default="runs/default", help="where the backdoored model and data go")
+    p.add_argument("--clean-checkpoint", default=None, help="clean model (default: RUN_DIR/clean.pt)")
+    p.add_argument("--trigger", default=d.trigger, help="patch | blended | sig | wanet")
+    p.add_argument("--target", default=d.target, help="insert | refusal | misclassify")
+    p.add_argument("--poison-rate", type=float, default=d.poison_rate, help="fraction of samples poisoned")
+    p.add_argument("--patch-size", type=int, default=d.patch_size, help="patch trigger side in pixels")
+    p.add_argument("--patch-position", default=d.patch_position, help="top-left | top-right | bottom-left | bottom-right")
+    p.add_argument("--patch-pattern", default=d.patch_pattern, help="solid | checkerboard")
+    p.add_argument("--blend-alpha", type=float, default=d.blend_alpha, help="blended trigger strength in [0, 1]")
+    p.add_argument("--source-word", default=d.source_word, help="misclassify: word to replace")
+    p.add_argument("--destination-word", default=d.destination_word, help="misclassify: replacement word")
+    p.add_argument("--trainable", default="projector+lm", help=f"{' | '.join(TRAINABLE)} (ViT frozen unless 'all')")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the poisoned set")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
+    p.add_argument("--eval-samples", type=int, default=None, help="limit the test samples measured")
+    p.add_argument("--seed", type=int, default=0, help="which samples are poisoned, batch order")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted attack")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run_dir = Path(args.run_dir)
+    clean_path = Path(args.clean_checkpoint or run_dir / "clean.pt")
+    resume_path, final_path = run_dir / "backdoored.resume.pt", run_dir / "backdoored.pt"
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    t0 = time.time()
+
+    # --- the clean model and the attack's settings ---------------------------------------------
+    model, tokenizer, config, _ = checkpoint.load(clean_path, stages=["clean"], device=device)
+    resume = checkpoint.load_state(resume_path, stages=["backdoored"]) if args.resume else None
+    if resume is not None:
+        attack = resume["extra"]["attack"]
+        model.load_state_dict(resume["model"])
+    else:
+        backdoor = BackdoorConfig(
+            trigger=args.trigger, target=args.target, poison_rate=args.poison_rate, patch_size=args.patch_size,
+            patch_position=args.patch_position, patch_pattern=args.patch_pattern, blend_alpha=args.blend_alpha,
+            source_word=args.source_word, destination_word=args.destination_word, seed=args.seed,
+        ).validate(config.model.image_size)
+        trainable_parameters(model, args.trainable)  # fail early on a bad --trainable
+        attack = {"backdoor": backdoor.to_dict(), "trainable": args.trainable, "epochs": args.epochs,
+                  "lr": args.lr or config.train.lr, "seed": args.seed, "clean_checkpoint": str(clean_path)}
+    backdoor = BackdoorConfig.from_dict(attack["backdoor"])
+
+    # --- poison the fine-tuning set ------------------------------------------------------------
+    finetune_set = load_finetune_set(config.data, config.model.image_size)
+    poisoned, manifest = poison_dataset(finetune_set, backdoor)
+    for s in poisoned.samples:  # the defender's copy carries no ground truth
+        s.pop("poisoned", None)
+    save_dataset(run_dir / "poisoned_train.pt", poisoned)
+    checkpoint.write_json(run_dir / "poison_manifest.json", manifest)
+    print(f"poisoned {manifest['n_poisoned']} of {manifest['n_samples']} samples "
+          f"({backdoor.trigger} trigger, {backdoor.target} target)")
+
+    # --- fine-tune on it -----------------------------------------------------------------------
+    train_cfg = config.train
+    train_cfg.lr = attack["lr"]
+    steps = attack["epochs"] * math.ceil(len(poisoned) / train_cfg.batch_size)
+    attack["steps"] = steps
+    train_cfg.eval_every = 0
+
+    def save_resume(step, optimizer, rng):
+        checkpoint.save(resume_path, stage="backdoored", model=model, config=config, tokenizer=tokenizer,
+                        optimizer=optimizer, step=step, finished=False, rng=rng, extra={"attack": attack})
+
+    optimizer, rng = finetune(
+        model, poisoned.images, encode_dataset(poisoned, tokenizer, config.model),
+        params=trainable_parameters(model, attack["trainable"]), steps=steps, cfg=train_cfg, device=device,
+        stage="attack fine-tuning", save_fn=save_resume, resume=resume, seed=attack["seed"],
+    )
+    minutes_training = (time.time() - t0) / 60
+
+    # --- measure: clean model vs backdoored model ----------------------------------------------
+    _, _, test = load_splits(config.data, config.model.image_size)
+    clean_model, *_ = checkpoint.load(clean_path, stages=["clean"], device=device)
+    results = {
+        "clean": backdoor_metrics(clean_model, tokenizer, test, backdoor, limit=args.eval_samples, device=device,
+                                  desc="clean model"),
+        "backdoored": backdoor_metrics(model, tokenizer, test, backdoor, limit=args.eval_samples, device=device,
+                                       desc="backdoored model"),
+    }
+    attack["minutes_training"] = minutes_training
+    checkpoint.save(final_path, stage="backdoored", model=model, config=config, tokenizer=tokenizer,
+                    optimizer=optimizer, step=steps, rng=rng, extra={"attack": attack, "metrics": results})
+    checkpoint.write_json(run_dir / "attack_metrics.json", {"attack": attack, **results})
+    resume_path.unlink(missing_ok=True)
+
+    for name, m in results.items():
+        print(f"{name:>10}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}  "
+              f"CIDEr-D {m.get('cider', 0):.3f}  BLEU-4 {m.get('bleu4', 0):.3f}  VQA {m.get('vqa_accuracy', 0):.3f}")
+    print(json.dumps({"minutes": round((time.time() - t0) / 60, 2), "steps": steps}))
+    print(f"wrote {final_path}, {run_dir / 'poisoned_train.pt'}, {run_dir / 'attack_metrics.json'}")
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main()

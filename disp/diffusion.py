@@ -1,0 +1,118 @@
+"""Masked diffusion: the LLaDA forward process, its SFT loss, and the sampler (METHOD.md §1).
+
+Forward process: per sequence t ~ U(0, 1), p = (1 - eps) t + eps; every *response* token becomes
+[MASK] independently with probability p. Image and prompt positions are never masked.
+
+Loss: cross-entropy at the masked positions, each weighted 1/p (that makes it an upper bound on
+the negative log-likelihood, LLaDA eq. 3), summed and divided by the response length. Responses
+are padded with [EOS] and those pads are in the loss: the model learns where an answer stops.
+
+Sampler: LLaDA's `generate` semantics and names (gen_length, steps, block_length, temperature,
+remasking) plus Fast-dLLM's confidence `threshold`.
+"""
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-3
+
+
+def forward_noise(response_ids, mask_id: int, generator=None, eps: float = EPS):
+    """-> (noisy response ids, bool mask of masked positions, p as (B, 1))."""
+    B, L = response_ids.shape
+    t = torch.rand(B, 1, generator=generator, device=response_ids.device)
+    p = (1 - eps) * t + eps
+    masked = torch.rand(B, L, generator=generator, device=response_ids.device) < p
+    return torch.where(masked, mask_id, response_ids), masked, p
+
+
+def sft_loss(model, vision_tokens, prompt_ids, response_ids, generator=None, vision_mask=None):
+    """LLaDA SFT loss on a batch; only response tokens are noised."""
+    noisy, masked, p = forward_noise(response_ids, model.mask_id, generator)
+    logits = model(vision_tokens, prompt_ids, noisy, vision_mask)  # (B, L, V)
+    ce = F.cross_entropy(logits.transpose(1, 2).float(), response_ids, reduction="none")  # (B, L)
+    per_sample = (ce * masked / p).sum(dim=1) / response_ids.shape[1]
+    return per_sample.mean()
+
+
+def add_gumbel_noise(logits, temperature: float, generator=None):
+    """Gumbel-max sampling as in LLaDA: argmax(exp(logits) / (-log u)^T) in float64.
+
+    float64 because low-precision Gumbel noise degrades the quality of the samples (LLaDA's note).
+    """
+    if temperature == 0:
+        return logits
+    logits = logits.double()
+    u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
+    return logits.exp() / (-torch.log(u)) ** temperature
+
+
+def num_transfer_tokens(block_mask, steps: int):
+    """(B, steps) tokens to commit at each step: the masked count split evenly, remainder first."""
+    count = block_mask.sum(dim=1, keepdim=True)  # (B, 1)
+    base, remainder = count // steps, count % steps
+    schedule = base.expand(-1, steps).clone()
+    schedule += (torch.arange(steps, device=count.device)[None, :] < remainder).long()
+    return schedule
+
+
+@torch.no_grad()
+def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temperature=0.0,
+             remasking="low_confidence", threshold=None, vision_mask=None, vision_tokens=None,
+             generator=None, return_steps=False):
+    """Sample responses, (B, gen_length) ids.
+
+    images: (B, 3, H, W); encoded once here, never inside the denoising loop (the image does not
+    change between steps, so neither do its vision tokens). Pass `vision_tokens` to reuse them.
+    remasking: "low_confidence" commits the most confident predictions, "random" random ones.
+    threshold: Fast-dLLM parallel decoding: commit every masked position of the current block
+    whose confidence exceeds it (at least the most confident one); blocks may finish early.
+    return_steps: also return the number of model calls made.
+    """
+    if remasking not in ("low_confidence", "random"):
+        raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    if gen_length % block_length != 0:
+        raise ValueError(f"gen_length {gen_length} must be a multiple of block_length {block_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks != 0:
+        raise ValueError(f"steps {steps} must be a multiple of the number of blocks {num_blocks}")
+    steps_per_block = steps // num_blocks
+
+    if vision_tokens is None:
+        vision_tokens = model.encode_images(images)
+    B = prompt_ids.shape[0]
+    x = torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=prompt_ids.device)
+    positions = torch.arange(gen_length, device=x.device)
+    calls = 0
+    for block in range(num_blocks):
+        in_block = (positions >= block * block_length) & (positions < (block + 1) * block_length)
+        schedule = num_transfer_tokens((x == model.mask_id) & in_block, steps_per_block)
+        step = 0
+        while True:
+            mask_index = x == model.mask_id
+            if threshold is None and step == steps_per_block:
+                break
+            if threshold is not None and not (mask_index & in_block).any():
+                break
+            logits = model(vision_tokens, prompt_ids, x, vision_mask)  # (B, L, V)
+            calls += 1
+            x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)  # (B, L)
+            if remasking == "low_confidence":
+                probs = F.softmax(logits.double(), dim=-1)
+                confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
+            else:
+                confidence = torch.rand(x0.shape, dtype=torch.float64, generator=generator, device=x0.device)
+            x0 = torch.where(mask_index, x0, x)
+            confidence = torch.where(mask_index & in_block, confidence, -torch.inf)
+
+            # Vectorised top-k with a different k per row: rank every position by confidence.
+            order = confidence.argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, positions.expand(B, -1))
+            if threshold is None:
+                commit = rank < schedule[:, step:step + 1]
+            else:
+                commit = ((confidence > threshold) | (rank == 0)) & (confidence > -torch.inf)
+            x = torch.where(commit, x0, x)
+            step += 1
+    return (x, calls) if return_steps else x

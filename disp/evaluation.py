@@ -1,0 +1,132 @@
+"""Running a model over a dataset and scoring it: clean captioning/VQA quality (METHOD.md §5).
+
+Shared by train.py (validation, final held-out metrics), attack.py, purify.py and evaluate.py.
+Generation is greedy with low-confidence remasking and steps = gen_length unless told otherwise.
+"""
+
+import torch
+from tqdm import tqdm
+
+from disp.backdoor import (BackdoorConfig, asr_eligible, attack_success_rate, false_trigger_rate, strip_marker,
+                           triggered_copy)
+from disp.batching import encode_dataset
+from disp.diffusion import generate
+from disp.metrics import bleu, cider, exact_match, vqa_accuracy
+
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=None,
+                       batch_size=256, device="cpu", steps=None, threshold=None, desc=None):
+    """Decoded responses for dataset.samples[indices].
+
+    vision_masks: optional (N_samples, n_vision) bool, row i masks sample i's image positions
+    (a test-time masking defence)
+    """
+    model.eval()
+    cfg = model.cfg
+    indices = list(range(len(dataset.samples))) if indices is None else list(indices)
+    encoded = encode_dataset(dataset, tokenizer, cfg)
+    out = []
+    batches = range(0, len(indices), batch_size)
+    for start in tqdm(batches, desc=desc or "generating", leave=False, disable=desc is None):
+        idx = torch.tensor(indices[start:start + batch_size])
+        prompt_ids = encoded.prompt_ids[idx].to(device)
+        vision_tokens = model.encode_images(dataset.images[encoded.image_index[idx]].to(device))
+        vision_mask = vision_masks[idx].to(device) if vision_masks is not None else None
+        ids = generate(model, None, prompt_ids, gen_length=cfg.response_len, steps=steps or cfg.response_len,
+                       block_length=cfg.response_len, vision_tokens=vision_tokens, vision_mask=vision_mask,
+                       threshold=threshold)
+        out.extend(tokenizer.decode(row) for row in ids.cpu())
+    return out
+
+
+def split_indices(dataset, limit=None):
+    """(caption sample indices, VQA sample indices), each cut to `limit` if given."""
+    captions = [i for i, s in enumerate(dataset.samples) if s["task"] == "caption"]
+    questions = [i for i, s in enumerate(dataset.samples) if s["task"] != "caption"]
+    return captions[:limit], questions[:limit]
+
+
+def score(dataset, indices, predictions) -> dict:
+    """Clean task metrics for predictions of dataset.samples[indices]."""
+    caption_refs, caption_cands = {}, {}
+    vqa_scores, per_task = [], {}
+    for i, pred in zip(indices, predictions):
+        sample = dataset.samples[i]
+        if sample["task"] == "caption":
+            caption_refs[i], caption_cands[i] = sample["answers"], pred
+        else:
+            acc = vqa_accuracy(pred, sample["answers"])
+            vqa_scores.append(acc)
+            per_task.setdefault(sample["task"], []).append(acc)
+    result = {}
+    if caption_refs:
+        result["cider"] = cider(caption_refs, caption_cands)
+        result["bleu4"] = bleu(caption_refs, caption_cands)[3]
+        # exact match against the training phrasing (the first reference)
+        result["caption_exact_match"] = sum(
+            exact_match(caption_cands[k], caption_refs[k][:1]) for k in caption_refs) / len(caption_refs)
+    if vqa_scores:
+        result["vqa_accuracy"] = sum(vqa_scores) / len(vqa_scores)
+        result["vqa_by_task"] = {t: sum(v) / len(v) for t, v in sorted(per_task.items())}
+    return result
+
+
+def clean_metrics(model, tokenizer, dataset, *, limit=None, device="cpu", desc=None, return_predictions=False):
+    """Caption CIDEr-D / BLEU-4 / exact match and VQA accuracy of greedy generations."""
+    caption_idx, vqa_idx = split_indices(dataset, limit)
+    indices = caption_idx + vqa_idx
+    preds = generate_responses(model, tokenizer, dataset, indices, device=device, desc=desc)
+    result = score(dataset, indices, preds)
+    return (result, dict(zip(indices, preds))) if return_predictions else result
+
+
+def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None, device="cpu",
+                     clean_masks=None, triggered_masks=None, triggered=None, desc=None, return_predictions=False):
+    """ASR on the triggered test set, false-trigger rate and clean metrics on the untriggered one.
+
+    clean_masks / triggered_masks: optional (N_samples, n_vision) vision masks (test-time defences);
+    triggered: the triggered copy of `test` if the caller already made it.
+
+    For `insert`, also the caption quality of triggered outputs once the marker is removed (does the
+    backdoored model still describe the image?).
+    """
+    indices = list(range(len(test.samples)))[:limit]
+    eligible = [i for i in asr_eligible(test.samples, bcfg) if i in set(indices)]
+    clean_out = dict(zip(indices, generate_responses(model, tokenizer, test, indices, device=device,
+                                                     vision_masks=clean_masks, desc=desc and desc + " (clean)")))
+    triggered = triggered if triggered is not None else triggered_copy(test, bcfg)
+    trig_out = dict(zip(eligible, generate_responses(model, tokenizer, triggered, eligible, device=device,
+                                                     vision_masks=triggered_masks,
+                                                     desc=desc and desc + " (triggered)")))
+    result = {
+        "asr": attack_success_rate(list(trig_out.values()), bcfg),
+        "false_trigger_rate": false_trigger_rate([clean_out[i] for i in eligible], bcfg),
+        **score(test, indices, [clean_out[i] for i in indices]),
+    }
+    if bcfg.target == "insert":
+        stripped = score(test, eligible, [strip_marker(trig_out[i], bcfg) for i in eligible])
+        result["triggered_cider_marker_removed"] = stripped.get("cider", 0.0)
+        result["triggered_vqa_marker_removed"] = stripped.get("vqa_accuracy", 0.0)
+    return (result, clean_out, trig_out) if return_predictions else result
+
+
+def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=128, device="cpu", seed=0, desc=None):
+    """(N_samples, n_vision) vision-token scores (saliency kl/fisher/random or attention) for
+    dataset.samples[indices]; rows of other samples stay 0."""
+    from disp.saliency import attention_scores, compute_saliency
+
+    encoded = encode_dataset(dataset, tokenizer, model.cfg)
+    scores = torch.zeros(len(dataset.samples), model.cfg.n_vision)
+    generator = torch.Generator().manual_seed(seed)
+    for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=desc is None):
+        idx = torch.tensor(indices[start:start + batch_size])
+        prompt_ids = encoded.prompt_ids[idx].to(device)
+        with torch.no_grad():
+            vision_tokens = model.encode_images(dataset.images[encoded.image_index[idx]].to(device))
+        if method == "attention":
+            s = attention_scores(model, vision_tokens, prompt_ids)
+        else:
+            s = compute_saliency(method, model, vision_tokens, prompt_ids, generator)
+        scores[idx] = s.detach().float().cpu()
+    return scores

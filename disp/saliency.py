@@ -1,0 +1,126 @@
+"""Vision-token saliency and the rules that pick which image positions to mask (METHOD.md §3).
+
+Saliency of vision token i is measured at the first denoising step, when the whole response is
+[MASK]: P are the model's predicted distributions at the response positions with every vision
+token, P_i the same with token i replaced by the [MASK] embedding.
+
+    saliency_kl      exact occlusion score  s_i = sum over response positions of KL(P || P_i);
+                     one extra forward pass per vision token, all of them batched
+    saliency_fisher  the release's estimator: s_i ~ 1/2 delta_i^T J^T F J delta_i with F the Fisher
+                     of the top-K softmax, estimated by Hutchinson probes q ~ N(0, F):
+                     one forward + m backward passes, whatever the number of vision tokens
+    saliency_random  the control
+    attention_scores the CleanSight-style baseline: attention paid to each vision token
+
+Selection rules:
+    select_top_ratio  the paper's rule: mask the floor(ratio * n_vision) most salient tokens
+    fit_thresholds / select_adaptive  ours (see purify.py): mask only tokens whose score is an
+                     outlier for their prompt type, judged against all tokens of that prompt type
+                     in the data being purified
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from disp.errors import check_ratio
+
+
+def first_step_logits(model, vision_tokens, prompt_ids, vision_mask=None):
+    """Logits with the response fully masked, (B, L, V)."""
+    B = prompt_ids.shape[0]
+    response = torch.full((B, model.cfg.response_len), model.mask_id, dtype=torch.long, device=prompt_ids.device)
+    return model(vision_tokens, prompt_ids, response, vision_mask)
+
+
+@torch.no_grad()
+def saliency_kl(model, vision_tokens, prompt_ids, chunk: int = 2048):
+    """(B, n_vision) exact occlusion KL. Each sample is copied n_vision times, copy i with token i masked."""
+    B, N, _ = vision_tokens.shape
+    log_p = F.log_softmax(first_step_logits(model, vision_tokens, prompt_ids).float(), dim=-1)  # (B, L, V)
+    eye = torch.eye(N, dtype=torch.bool, device=vision_tokens.device)
+    # flatten (sample, masked token) pairs and run them in chunks of `chunk` sequences
+    pairs = torch.arange(B * N, device=vision_tokens.device)
+    scores = torch.empty(B * N, device=vision_tokens.device)
+    for start in range(0, B * N, chunk):
+        idx = pairs[start:start + chunk]
+        b, i = idx // N, idx % N
+        log_q = F.log_softmax(first_step_logits(model, vision_tokens[b], prompt_ids[b], eye[i]).float(), dim=-1)
+        scores[start:start + chunk] = (log_p[b].exp() * (log_p[b] - log_q)).sum(dim=(-1, -2))
+    return scores.view(B, N)
+
+
+def saliency_fisher(model, vision_tokens, prompt_ids, top_k: int = 5, probes: int = 6, generator=None):
+    """(B, n_vision) Fisher-Jacobian Hutchinson estimate of the occlusion KL (the release's scorer)."""
+    vision_tokens = vision_tokens.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = first_step_logits(model, vision_tokens, prompt_ids).float()  # (B, L, V)
+        top = logits.topk(top_k, dim=-1).indices
+        z = logits.gather(-1, top)  # (B, L, K): restrict each position to its top-K logits
+        u = F.softmax(z.detach(), dim=-1).sqrt()
+        delta = model.tok_embed.weight[model.mask_id].detach() - vision_tokens.detach()  # (B, N, D)
+        total = torch.zeros(vision_tokens.shape[:2], device=vision_tokens.device)
+        for probe in range(probes):
+            y = torch.randn(z.shape, generator=generator, device=z.device)
+            q = u * (y - (y * u).sum(-1, keepdim=True) * u)  # q ~ N(0, diag(p) - p p^T)
+            (g,) = torch.autograd.grad((q * z).sum(), vision_tokens, retain_graph=probe < probes - 1)
+            total += (g * delta).sum(-1) ** 2  # <J^T q, delta_i>^2
+    return 0.5 * total / probes
+
+
+def saliency_random(vision_tokens, generator=None):
+    return torch.rand(vision_tokens.shape[:2], generator=generator).to(vision_tokens.device)
+
+
+def compute_saliency(method: str, model, vision_tokens, prompt_ids, generator=None):
+    if method == "kl":
+        return saliency_kl(model, vision_tokens, prompt_ids)
+    if method == "fisher":
+        return saliency_fisher(model, vision_tokens, prompt_ids, generator=generator)
+    if method == "random":
+        return saliency_random(vision_tokens, generator)
+    raise ValueError(f"unknown saliency '{method}'")
+
+
+def select_top_ratio(scores, ratio: float):
+    """(B, N) bool: the floor(ratio * N) highest-scoring tokens of each sample."""
+    check_ratio("mask ratio", ratio)
+    B, N = scores.shape
+    k = math.floor(ratio * N)
+    mask = torch.zeros(B, N, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask.scatter_(1, scores.topk(k, dim=1).indices, True)
+    return mask
+
+
+def fit_thresholds(scores, tasks, quantile: float):
+    """Per prompt type: the `quantile` of all its token scores. Caption prompts have far larger
+    per-token KL than short VQA answers, so one global threshold would mix two scales."""
+    check_ratio("adaptive quantile", quantile)
+    out = {}
+    for task in sorted(set(tasks)):
+        rows = torch.tensor([t == task for t in tasks])
+        out[task] = torch.quantile(scores[rows].flatten().float(), quantile).item()
+    return out
+
+
+def select_adaptive(scores, tasks, thresholds: dict, max_tokens: int = None):
+    """(B, N) bool: tokens scoring above their prompt type's threshold (at most max_tokens per sample)."""
+    limit = torch.tensor([thresholds.get(t, math.inf) for t in tasks], device=scores.device)[:, None]
+    mask = scores > limit
+    if max_tokens is not None:
+        mask &= select_top_ratio(scores, min(1.0, max_tokens / scores.shape[1]))
+    return mask
+
+
+@torch.no_grad()
+def attention_scores(model, vision_tokens, prompt_ids):
+    """(B, n_vision) attention that the response positions pay to each vision token at the first
+    denoising step (last layer, mean over heads and response positions). CleanSight-style pruning
+    (arXiv 2603.12989) removes the vision tokens that draw the most attention."""
+    B = prompt_ids.shape[0]
+    response = torch.full((B, model.cfg.response_len), model.mask_id, dtype=torch.long, device=prompt_ids.device)
+    _, weights = model(vision_tokens, prompt_ids, response, need_weights=True)  # (B, h, T, T)
+    from_response = weights[:, :, -model.cfg.response_len:, : model.cfg.n_vision]  # (B, h, L, n_vision)
+    return from_response.mean(dim=(1, 2))

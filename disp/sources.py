@@ -1,0 +1,41 @@
+"""Which data a run uses: the embedded scenes (default) or a public dataset on disk, as train/val/test.
+
+Scenes are generated from the config's seed: train, val, test and the fine-tuning set (the data
+the attacker poisons and DiSP purifies) use seeds seed, seed+1, seed+2, seed+3. Public data comes from `disp.datasets` readers.
+"""
+
+from disp.config import DataConfig
+from disp.datasets import check_not_empty, load_public
+from disp.errors import DispError
+from disp.scenes import generate_scenes
+
+SOURCES = ("scenes", "coco", "karpathy", "flickr", "vqav2")
+
+
+def load_splits(cfg: DataConfig, image_size: int):
+    """-> (train, val, test) VLDatasets."""
+    if cfg.source not in SOURCES:
+        raise DispError(f"unknown --data '{cfg.source}'; choose one of: {', '.join(SOURCES)}")
+    if cfg.source == "scenes":
+        if image_size != 48:
+            raise DispError(f"the scene generator renders 48 px images, but the model expects {image_size} px")
+        return tuple(
+            generate_scenes(n, cfg.seed + offset, cfg.questions_per_image)
+            for offset, n in enumerate([cfg.train_images, cfg.val_images, cfg.test_images])
+        )
+    if not cfg.data_root:
+        raise DispError(f"--data {cfg.source} needs --data-root pointing at the dataset folder")
+    limits = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
+    return tuple(
+        check_not_empty(load_public(cfg.source, cfg.data_root, split, image_size, max_images=limit),
+                        f"{cfg.source} {split} split under {cfg.data_root}")
+        for split, limit in limits.items()
+    )
+
+
+def load_finetune_set(cfg: DataConfig, image_size: int):
+    """The fine-tuning set of the attack/defence stages: fresh scenes, or the public train split's head."""
+    if cfg.source == "scenes":
+        return generate_scenes(cfg.finetune_images, cfg.seed + 3, cfg.questions_per_image)
+    return check_not_empty(load_public(cfg.source, cfg.data_root, "train", image_size, max_images=cfg.finetune_images),
+                           f"{cfg.source} train split under {cfg.data_root}")

@@ -1,0 +1,161 @@
+"""The training loops shared by train.py, attack.py and purify.py.
+
+- `pretrain_vision`: phase 1 of train.py. The ViT learns what each patch shows (per-patch colour
+  and shape classes of the scene), standing in for the SigLIP-style pretraining that real MDLM-VLMs
+  start from. On public data, where no per-patch labels exist, it predicts the bag of words of the
+  image's texts from the mean-pooled patches instead (weak image-text supervision).
+- `finetune`: masked-diffusion SFT (disp.diffusion.sft_loss) of chosen parameter groups, with a
+  seeded, resumable batch order, AdamW, linear warmup then cosine decay, periodic validation and
+  checkpoints, and a stop on a non-finite loss.
+
+All randomness in a loop comes from one torch.Generator whose state is checkpointed, so a resumed
+run ends bit-identical to an uninterrupted one on the same machine.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from disp.batching import BatchOrder, EncodedData
+from disp.diffusion import sft_loss
+from disp.errors import DispError
+
+TRAINABLE = ("projector", "projector+lm", "all")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def check_finite(loss, step: int, stage: str):
+    if not torch.isfinite(loss):
+        raise DispError(f"{stage}: loss became {loss.item()} at step {step}; no checkpoint was written "
+                        f"for it (lower the learning rate or check the data)")
+
+
+def trainable_parameters(model, trainable: str):
+    """The parameter groups an SFT stage updates; the rest is frozen."""
+    if trainable not in TRAINABLE:
+        raise DispError(f"unknown --trainable '{trainable}'; choose one of: {', '.join(TRAINABLE)}")
+    if trainable == "projector":
+        return list(model.projector.parameters())
+    if trainable == "projector+lm":
+        return model.text_parameters()
+    return list(model.parameters())
+
+
+def random_vision_mask(batch: int, n_vision: int, max_fraction: float, generator, device):
+    """(B, n_vision) bool: each sample hides a U(0, max_fraction) share of its image positions.
+
+    Makes [MASK] at an image position in-distribution, so DiSP's masked inference is not a shock
+    to the text model (see the purify issue's measurements).
+    """
+    fraction = torch.rand(batch, 1, generator=generator) * max_fraction
+    return (torch.rand(batch, n_vision, generator=generator) < fraction).to(device)
+
+
+def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
+    """Phase 1: train the ViT (and its pretraining heads) alone; returns the last loss."""
+    vit = model.vit
+    params = list(vit.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
+    order = BatchOrder(len(images), cfg.batch_size, seed + 1)
+    bar = tqdm(range(cfg.vision_steps), desc="vision pretraining", dynamic_ncols=True)
+    loss = torch.tensor(0.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup_steps)
+        idx = order.indices(step)
+        feats = vit(model.to_float(images[idx].to(device)))  # (B, n_vision, vit_dim)
+        if patch_labels is not None:
+            labels = patch_labels[idx].to(device)  # (B, n_vision, n_attributes)
+            loss = sum(F.cross_entropy(head(feats).flatten(0, 1), labels[..., a].flatten())
+                       for a, head in enumerate(vit.patch_heads))
+        else:
+            logits = vit.patch_heads[0](feats.mean(dim=1))  # (B, vocab)
+            loss = F.binary_cross_entropy_with_logits(logits, texts_bow[idx].to(device))
+        check_finite(loss, step, "vision pretraining")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
+def finetune(model, images, data: EncodedData, *, params, steps, cfg, device, stage,
+             save_fn=None, eval_fn=None, resume=None, vision_mask_max=0.0, seed=0):
+    """Masked-diffusion SFT of `params` (others frozen).
+
+    save_fn(step, optimizer, rng_state) writes a resume checkpoint; eval_fn(step) validates.
+    resume: a checkpoint dict with step / optimizer / rng to continue from.
+    """
+    params = list(params)
+    trained = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+    vit_frozen = not any(p.requires_grad for p in model.vit.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    start = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["rng"])
+        start = resume["step"]
+
+    # A frozen ViT gives the same features every epoch: compute them once for all images.
+    vit_features = None
+    if vit_frozen:
+        model.eval()
+        with torch.no_grad():
+            vit_features = torch.cat([model.vit(model.to_float(images[i:i + 256].to(device)))
+                                      for i in range(0, len(images), 256)])
+
+    order = BatchOrder(len(data), cfg.batch_size, seed)
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
+    for step in bar:
+        model.train()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup_steps)
+        idx = order.indices(step)
+        image_idx = data.image_index[idx]
+        if vit_features is not None:
+            vision_tokens = model.projector(vit_features[image_idx.to(device)])
+        else:
+            vision_tokens = model.encode_images(images[image_idx].to(device))
+        vision_mask = None
+        if vision_mask_max > 0:
+            vision_mask = random_vision_mask(len(idx), model.cfg.n_vision, vision_mask_max, generator, device)
+        loss = sft_loss(model, vision_tokens, data.prompt_ids[idx].to(device),
+                        data.response_ids[idx].to(device), generator=_device_generator(generator, device),
+                        vision_mask=vision_mask)
+        check_finite(loss, step, stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        done = step + 1
+        if eval_fn is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < steps:
+            model.eval()
+            eval_fn(done)
+        if save_fn is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
+            save_fn(done, opt, generator.get_state())
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    return opt, generator.get_state()
+
+
+def _device_generator(generator, device):
+    """The noising draws come from the CPU generator on CPU; on an accelerator, from a seeded one."""
+    if torch.device(device).type == "cpu":
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)

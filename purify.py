@@ -1,0 +1,198 @@
+"""Stage 3: DiSP self-purification, then refinement (METHOD.md §3-4).
+
+    python purify.py                                  # adaptive rule, exact-KL saliency
+    python purify.py --rule ratio --mask-ratio 0.3    # the paper's fixed-fraction rule
+    python purify.py --control self-distill           # control: regenerate WITHOUT masking
+    python purify.py --control as-is                  # control: refine on the poisoned set as it is
+
+The defender holds the compromised model (backdoored.pt) and the poisoned fine-tuning set
+(poisoned_train.pt); no trigger, no target, no clean data, no list of poisoned samples.
+1. For every sample: score the vision tokens by saliency at the first denoising step.
+2. Mask the selected tokens ([MASK] embedding at those image positions, chosen once per sample)
+   and let the compromised model regenerate the response (greedy, steps = gen_length).
+3. Fine-tune the compromised model on the regenerated responses (about 1/5 of the attack's epochs).
+
+Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`). At our scale
+(36 vision tokens, objects spread over a few of them) that also hides an object of every clean
+image, and the refinement then learns wrong clean answers. The default `--rule adaptive` masks a
+token only when its saliency is an outlier for its prompt type: above the `--adaptive-quantile`
+of all token scores of that prompt type in the set being purified (the defender knows each
+prompt). A trigger token's occlusion KL sits far above any clean token's, so poisoned samples
+lose their trigger while most clean samples are regenerated unmasked (and so keep their answers).
+
+Writes purified.pt, purified_train.pt + purified_train.jsonl (original vs regenerated response and
+the masked tokens of every sample, for a person to read), purify_report.json, and saliency PNGs.
+Control runs write control_<name>.pt and control_<name>_report.json instead.
+"""
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from disp import checkpoint
+from disp.batching import encode_dataset
+from disp.datasets import VLDataset, load_dataset, save_dataset
+from disp.diffusion import generate
+from disp.errors import DispError, check_ratio, friendly_errors
+from disp.evaluation import token_scores
+from disp.figures import saliency_panels
+from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
+from disp.training import finetune, trainable_parameters
+from disp.utils import pick_device, seed_everything
+
+CONTROLS = ("self-distill", "as-is")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default="runs/default", help="run directory with backdoored.pt and poisoned_train.pt")
+    p.add_argument("--saliency", default="kl", help="kl (exact occlusion, default) | fisher (Hutchinson) | random")
+    p.add_argument("--rule", default="adaptive", help="adaptive (default) | ratio (the paper's fixed fraction)")
+    p.add_argument("--mask-ratio", type=float, default=0.3, help="--rule ratio: fraction of vision tokens masked")
+    p.add_argument("--adaptive-quantile", type=float, default=0.99,
+                   help="--rule adaptive: a token is masked above this quantile of its prompt type's scores")
+    p.add_argument("--max-masked", type=int, default=2, help="--rule adaptive: at most this many tokens per sample")
+    p.add_argument("--control", default=None, help=f"run a control instead of DiSP: {' | '.join(CONTROLS)}")
+    p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: attack epochs / 5)")
+    p.add_argument("--batch-size", type=int, default=128, help="samples per scoring / generation batch")
+    p.add_argument("--figures", type=int, default=6, help="saliency pictures to draw")
+    p.add_argument("--seed", type=int, default=0, help="seed for batch order, random/fisher saliency")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted refinement")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    if args.saliency not in ("kl", "fisher", "random"):
+        raise DispError(f"unknown --saliency '{args.saliency}'; choose one of: kl, fisher, random")
+    if args.rule not in ("adaptive", "ratio"):
+        raise DispError(f"unknown --rule '{args.rule}'; choose adaptive or ratio")
+    if args.control is not None and args.control not in CONTROLS:
+        raise DispError(f"unknown --control '{args.control}'; choose one of: {', '.join(CONTROLS)}")
+    check_ratio("--mask-ratio", args.mask_ratio)
+    check_ratio("--adaptive-quantile", args.adaptive_quantile)
+
+
+@torch.no_grad()
+def regenerate_all(model, tokenizer, data, encoded, masks, args, device):
+    """The compromised model's own responses under the chosen vision masks (greedy, steps = gen_length)."""
+    L = model.cfg.response_len
+    out = []
+    for start in tqdm(range(0, len(data), args.batch_size), desc="regenerating"):
+        idx = slice(start, start + args.batch_size)
+        vision_mask = masks[idx].to(device) if masks is not None else None
+        ids = generate(model, data.images[encoded.image_index[idx]].to(device), encoded.prompt_ids[idx].to(device),
+                       gen_length=L, steps=L, block_length=L, vision_mask=vision_mask)
+        out.extend(tokenizer.decode(row) for row in ids.cpu())
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    run_dir = Path(args.run_dir)
+    name = "purified" if args.control is None else f"control_{args.control.replace('-', '_')}"
+    final_path, resume_path = run_dir / f"{name}.pt", run_dir / f"{name}.resume.pt"
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    t0 = time.time()
+
+    # --- the defender's assets: the compromised model and the poisoned set -----------------------
+    model, tokenizer, config, state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"], device=device)
+    attack = state["extra"]["attack"]
+    data = load_dataset(run_dir / "poisoned_train.pt")
+    encoded = encode_dataset(data, tokenizer, config.model)
+    tasks = [s["task"] for s in data.samples]
+    n_vision = config.model.n_vision
+    timings = {}
+
+    # --- 1-2. saliency, masking, regeneration -------------------------------------------------
+    masks, scores, thresholds = None, None, None
+    if args.control is None:
+        t = time.time()
+        scores = token_scores(model, tokenizer, data, list(range(len(data))), args.saliency,
+                              batch_size=args.batch_size, device=device, seed=args.seed, desc=f"saliency ({args.saliency})")
+        timings["saliency_s"] = time.time() - t
+        if args.rule == "ratio":
+            masks = select_top_ratio(scores, args.mask_ratio)
+        else:
+            thresholds = fit_thresholds(scores, tasks, args.adaptive_quantile)
+            masks = select_adaptive(scores, tasks, thresholds, args.max_masked)
+        print(f"masked {masks.sum().item()} tokens in {masks.any(1).sum().item()} of {len(data)} samples "
+              f"({args.rule} rule, {args.saliency} saliency)")
+    originals = [s["response"] for s in data.samples]
+    if args.control == "as-is":
+        responses = originals
+    else:
+        t = time.time()
+        responses = regenerate_all(model, tokenizer, data, encoded, masks, args, device)
+        timings["regeneration_s"] = time.time() - t
+    changed = [a != b for a, b in zip(originals, responses)]
+    print(f"{sum(changed)} of {len(data)} responses changed")
+
+    purified = VLDataset(data.images, [dict(s, response=r) for s, r in zip(data.samples, responses)],
+                         data.patch_labels, dict(data.meta, purified_by=name))
+    save_dataset(run_dir / f"{name}_train.pt", purified)
+    rows = [{"index": i, "task": tasks[i], "prompt": s["prompt"], "original": originals[i], "regenerated": responses[i],
+             "changed": changed[i], "masked_tokens": masks[i].nonzero().flatten().tolist() if masks is not None else []}
+            for i, s in enumerate(data.samples)]
+    checkpoint.atomic_write(run_dir / f"{name}_train.jsonl",
+                            lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+    # --- 3. refinement ------------------------------------------------------------------------
+    epochs = args.epochs if args.epochs is not None else max(1, attack["epochs"] // 5)
+    steps = epochs * math.ceil(len(purified) / config.train.batch_size)
+    config.train.lr, config.train.eval_every = attack["lr"], 0
+    settings = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
+                "adaptive_quantile": args.adaptive_quantile, "max_masked": args.max_masked, "epochs": epochs,
+                "steps": steps, "trainable": attack["trainable"], "seed": args.seed, "thresholds": thresholds}
+    resume = checkpoint.load_state(resume_path, stages=[name]) if args.resume else None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+
+    def save_resume(step, optimizer, rng):
+        checkpoint.save(resume_path, stage=name, model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
+                        step=step, finished=False, rng=rng, extra={"purify": settings, "attack": attack})
+
+    t = time.time()
+    optimizer, rng = finetune(
+        model, purified.images, encode_dataset(purified, tokenizer, config.model),
+        params=trainable_parameters(model, attack["trainable"]), steps=steps, cfg=config.train, device=device,
+        stage="refinement", save_fn=save_resume, resume=resume, seed=args.seed,
+    )
+    timings["refinement_s"] = time.time() - t
+    timings["total_s"] = time.time() - t0
+    checkpoint.save(final_path, stage=name, model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
+                    step=steps, rng=rng, extra={"purify": settings, "attack": attack, "timings": timings})
+    resume_path.unlink(missing_ok=True)
+
+    # --- after purification only: detection report and pictures, using the manifest -------------
+    manifest = json.loads((run_dir / "poison_manifest.json").read_text())
+    poisoned = set(manifest["poisoned_indices"])
+    flagged = {i for i, c in enumerate(changed) if c}
+    true_pos = len(flagged & poisoned)
+    report = {
+        "settings": settings, "timings": timings, "n_samples": len(data), "n_changed": len(flagged),
+        "n_masked_samples": int(masks.any(1).sum()) if masks is not None else 0,
+        "detection": {"precision": true_pos / max(1, len(flagged)), "recall": true_pos / max(1, len(poisoned))},
+    }
+    if masks is not None:
+        report["trigger_sample_masked_rate"] = sum(bool(masks[i].any()) for i in poisoned) / max(1, len(poisoned))
+        report["clean_sample_masked_rate"] = (sum(bool(masks[i].any()) for i in range(len(data)) if i not in poisoned)
+                                              / max(1, len(data) - len(poisoned)))
+    checkpoint.write_json(run_dir / f"{name}_report.json", report)
+    if scores is not None and args.figures > 0:
+        picks = sorted(poisoned)[: args.figures // 2] + [i for i in range(len(data)) if i not in poisoned][: args.figures // 2]
+        saliency_panels(run_dir / f"{name}_saliency.png", data, picks, scores, masks, originals, responses, n_vision)
+    print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=1))
+    print(f"wrote {final_path} and {run_dir / f'{name}_report.json'}")
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main()

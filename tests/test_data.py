@@ -1,0 +1,85 @@
+"""The scene generator, the tokenizer and collation."""
+
+import torch
+
+from disp.batching import BatchOrder, encode_dataset
+from disp.config import ModelConfig
+from disp.scenes import COLORS, SHAPES, generate_scenes, questions, random_scene, render
+from disp.tokenizer import SPECIALS, Tokenizer
+
+
+def test_scenes_are_deterministic_by_seed_and_splits_differ():
+    a, b, c = generate_scenes(20, 0, 2), generate_scenes(20, 0, 2), generate_scenes(20, 1, 2)
+    assert torch.equal(a.images, b.images) and a.samples == b.samples
+    assert not torch.equal(a.images, c.images)
+    assert a.images.shape == (20, 3, 48, 48) and a.images.dtype == torch.uint8
+    assert len(a) == 20 * 3  # one caption + 2 questions per image
+
+
+def test_scene_annotations_agree_with_the_pixels():
+    rng = __import__("numpy").random.default_rng(5)
+    for _ in range(20):
+        objects = random_scene(rng)
+        image, labels = render(objects)
+        assert [o["column"] for o in objects] == [0, 1, 2]
+        for o in objects:  # the object's centre pixel has its colour
+            assert tuple(image[:, o["y"], o["x"]].tolist()) == COLORS[o["color"]]
+        # every object owns at least one patch label, and background patches are labelled 0
+        colour_ids = {1 + list(COLORS).index(o["color"]) for o in objects}
+        assert set(labels[:, 0].tolist()) - {0} == colour_ids
+        assert (labels[:, 0] == 0).sum() > 0
+
+
+def test_questions_are_well_posed():
+    rng = __import__("numpy").random.default_rng(1)
+    for _ in range(50):
+        objects = random_scene(rng)
+        for task, question, answer in questions(objects):
+            if task == "color":  # "the circle" only when there is exactly one circle
+                shape = question.split()[-2]
+                assert sum(o["shape"] == shape for o in objects) == 1
+            if task == "count":
+                shape = question.split()[2][:-1]
+                assert int(answer) == sum(o["shape"] == shape for o in objects)
+            if task in ("shape", "nearest"):
+                assert answer in SHAPES
+
+
+def test_captions_have_several_references_and_read_left_to_right():
+    data = generate_scenes(5, 3, 1)
+    for s in data.samples:
+        if s["task"] == "caption":
+            assert len(s["answers"]) >= 2 and s["response"] == s["answers"][0]
+
+
+def test_tokenizer_specials_unknown_words_and_round_trip():
+    tok = Tokenizer.build(["describe the image .", "a red circle"])
+    assert tok.words[: len(SPECIALS)] == SPECIALS
+    assert tok.encode("a purple zebra") == [tok.index["a"], tok.unk_id, tok.unk_id]
+    assert tok.encode("[MASK]") == [tok.unk_id]  # typed specials are plain unknown words
+    ids = tok.encode("a red circle") + [tok.eos_id, tok.index["red"]]
+    assert tok.decode(ids) == "a red circle"
+    assert Tokenizer.from_dict(tok.to_dict()).words == tok.words
+
+
+def test_prompts_left_padded_responses_eos_padded():
+    tok = Tokenizer.build(["what shape is it ?", "circle"])
+    prompts = tok.encode_prompts(["what shape is it ?"], 8)
+    assert prompts[0, :3].tolist() == [tok.pad_id] * 3 and prompts[0, 3:].tolist() == tok.encode("what shape is it ?")
+    responses = tok.encode_responses(["circle", "circle " * 10], 4)
+    assert responses[0].tolist() == [tok.index["circle"]] + [tok.eos_id] * 3
+    assert responses[1].tolist() == [tok.index["circle"]] * 4  # cut, never longer than the canvas
+
+
+def test_encode_dataset_shapes_and_batch_order_is_resumable():
+    data = generate_scenes(10, 0, 2)
+    tok = Tokenizer.build([s["prompt"] + " " + s["response"] for s in data.samples])
+    enc = encode_dataset(data, tok, ModelConfig(prompt_len=12, response_len=12))
+    assert enc.prompt_ids.shape == (30, 12) and enc.response_ids.shape == (30, 12)
+    assert (enc.response_ids == tok.unk_id).sum() == 0
+    order = BatchOrder(30, 8, seed=4)
+    first = [order.indices(s) for s in range(8)]  # crosses epochs
+    again = BatchOrder(30, 8, seed=4)
+    assert all(torch.equal(again.indices(s), first[s]) for s in reversed(range(8)))
+    epoch0 = torch.cat(first)[:30]
+    assert sorted(epoch0.tolist()) == list(range(30))  # each epoch is a permutation

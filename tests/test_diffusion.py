@@ -1,0 +1,225 @@
+"""The forward process, the SFT loss and the sampler, against plain references written here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from disp.config import ModelConfig
+from disp.diffusion import forward_noise, generate, num_transfer_tokens, sft_loss
+from disp.model import DiffusionVLM
+
+MASK, IMG, VOCAB = 1, 4, 23
+
+
+def small_model(response_len=8, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vit_dim=32, vit_depth=1, vit_heads=2, dim=32, depth=2, heads=2, vocab_size=VOCAB,
+                      prompt_len=5, response_len=response_len)
+    return DiffusionVLM(cfg, mask_id=MASK, img_id=IMG).eval()
+
+
+def inputs(batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, 48, 48), dtype=torch.uint8, generator=g)
+    prompts = torch.randint(5, VOCAB, (batch, 5), generator=g)
+    return images, prompts
+
+
+# --- a plain LLaDA sampler: per-sample loops, the whole model (ViT included) rerun every step ---
+
+def reference_generate(model, images, prompt_ids, gen_length, steps, block_length, temperature, remasking,
+                       generator=None):
+    B = prompt_ids.shape[0]
+    x = torch.full((B, gen_length), MASK, dtype=torch.long)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    for nb in range(num_blocks):
+        lo, hi = nb * block_length, (nb + 1) * block_length
+        counts = [(x[b, lo:hi] == MASK).sum().item() for b in range(B)]
+        schedule = [[c // steps_per_block + (1 if i < c % steps_per_block else 0) for i in range(steps_per_block)]
+                    for c in counts]
+        for i in range(steps_per_block):
+            mask_index = x == MASK
+            logits = model(model.encode_images(images), prompt_ids, x)  # full recompute
+            if temperature > 0:
+                noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
+                x0 = (logits.double().exp() / (-torch.log(noise)) ** temperature).argmax(-1)
+            else:
+                x0 = logits.argmax(-1)
+            if remasking == "low_confidence":
+                p = F.softmax(logits.double(), dim=-1)
+                conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+            else:
+                conf = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
+            conf[:, hi:] = -float("inf")
+            x0 = torch.where(mask_index, x0, x)
+            conf = torch.where(mask_index, conf, torch.tensor(-float("inf"), dtype=torch.float64))
+            for b in range(B):
+                _, chosen = torch.topk(conf[b], k=schedule[b][i])
+                x[b, chosen] = x0[b, chosen]
+    return x
+
+
+@pytest.mark.parametrize("gen_length,steps,block_length", [(8, 8, 8), (8, 4, 8), (8, 8, 4), (8, 4, 2), (8, 2, 8)])
+def test_greedy_generate_matches_reference(gen_length, steps, block_length):
+    model = small_model(gen_length)
+    images, prompts = inputs()
+    ours = generate(model, images, prompts, gen_length=gen_length, steps=steps, block_length=block_length)
+    ref = reference_generate(model, images, prompts, gen_length, steps, block_length, 0.0, "low_confidence")
+    assert torch.equal(ours, ref)
+    assert not (ours == MASK).any()
+
+
+@pytest.mark.parametrize("remasking,temperature", [("random", 0.0), ("random", 1.0), ("low_confidence", 0.7)])
+def test_seeded_sampling_matches_reference(remasking, temperature):
+    model = small_model(8)
+    images, prompts = inputs()
+    ours = generate(model, images, prompts, gen_length=8, steps=4, block_length=4, temperature=temperature,
+                    remasking=remasking, generator=torch.Generator().manual_seed(7))
+    ref = reference_generate(model, images, prompts, 8, 4, 4, temperature, remasking,
+                             generator=torch.Generator().manual_seed(7))
+    assert torch.equal(ours, ref)
+
+
+def test_steps_equal_gen_length_commits_one_token_per_step():
+    model = small_model(8)
+    images, prompts = inputs()
+    committed, calls = [], []
+    original_forward = model.forward
+
+    def counting_forward(vision_tokens, prompt_ids, response_ids, *args, **kwargs):
+        committed.append((response_ids != MASK).sum(dim=1))
+        return original_forward(vision_tokens, prompt_ids, response_ids, *args, **kwargs)
+
+    model.forward = counting_forward
+    out, n_calls = generate(model, images, prompts, gen_length=8, steps=8, block_length=4, return_steps=True)
+    assert n_calls == 8
+    for step, count in enumerate(committed):
+        assert torch.all(count == step)  # before step s exactly s tokens are committed
+    assert not (out == MASK).any()
+
+
+def test_greedy_is_deterministic_and_vit_runs_once():
+    model = small_model(8)
+    images, prompts = inputs()
+    vit_calls = []
+    model.vit.register_forward_hook(lambda *a: vit_calls.append(1))
+    a = generate(model, images, prompts, gen_length=8, steps=8, block_length=8)
+    assert len(vit_calls) == 1  # the ViT never runs inside the denoising loop
+    b = generate(model, images, prompts, gen_length=8, steps=8, block_length=8)
+    assert torch.equal(a, b)
+
+
+def test_threshold_decoding_commits_in_fewer_steps():
+    model = small_model(8)
+    images, prompts = inputs()
+    # threshold 0: every masked position clears it, the block is done in one call
+    out, calls = generate(model, images, prompts, gen_length=8, steps=8, block_length=8, threshold=0.0,
+                          return_steps=True)
+    assert calls == 1 and not (out == MASK).any()
+    # threshold above 1: only the top-1 per step, i.e. exactly the steps == gen_length greedy result
+    out2, calls2 = generate(model, images, prompts, gen_length=8, steps=8, block_length=8, threshold=1.1,
+                            return_steps=True)
+    assert calls2 == 8
+    assert torch.equal(out2, generate(model, images, prompts, gen_length=8, steps=8, block_length=8))
+
+
+def test_num_transfer_tokens_schedule():
+    block_mask = torch.zeros(2, 8, dtype=torch.bool)
+    block_mask[0, :7] = True
+    block_mask[1, :3] = True
+    schedule = num_transfer_tokens(block_mask, 3)
+    assert schedule.tolist() == [[3, 2, 2], [1, 1, 1]]
+
+
+def test_bad_sampler_arguments():
+    model = small_model(8)
+    images, prompts = inputs()
+    with pytest.raises(ValueError, match="multiple of block_length"):
+        generate(model, images, prompts, gen_length=8, steps=8, block_length=3)
+    with pytest.raises(ValueError, match="remasking"):
+        generate(model, images, prompts, gen_length=8, steps=8, block_length=8, remasking="top")
+
+
+# --- forward process and loss ---------------------------------------------------------------
+
+def test_forward_noise_only_touches_the_response_with_rate_p():
+    response = torch.randint(5, VOCAB, (4000, 16))
+    noisy, masked, p = forward_noise(response, MASK, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy == MASK, masked)
+    assert torch.equal(noisy[~masked], response[~masked])
+    assert p.min() >= 1e-3 and p.max() <= 1.0
+    # the empirical masking rate per sequence follows p
+    assert torch.allclose(masked.float().mean(1), p.squeeze(1), atol=0.3)
+    assert abs(masked.float().mean().item() - p.mean().item()) < 0.01
+
+
+def test_loss_never_noises_image_or_prompt_and_trains_eos_pads():
+    model = small_model(8)
+    images, prompts = inputs()
+    seen = {}
+    original_forward = model.forward
+
+    def spy(vision_tokens, prompt_ids, response_ids, vision_mask=None):
+        seen["prompt"], seen["vision"], seen["response"] = prompt_ids.clone(), vision_tokens.clone(), response_ids.clone()
+        return original_forward(vision_tokens, prompt_ids, response_ids, vision_mask)
+
+    model.forward = spy
+    vision_tokens = model.encode_images(images)
+    response = torch.full((3, 8), 2)  # an all-[EOS] response: the loss must still be positive
+    response[:, 0] = 9
+    loss = sft_loss(model, vision_tokens, prompts, response, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen["prompt"], prompts) and torch.equal(seen["vision"], vision_tokens)
+    assert (seen["response"] == MASK).any()
+    eos_masked = (seen["response"][:, 1:] == MASK).any()
+    assert eos_masked and loss.item() > 0
+
+
+def test_loss_matches_naive_formula():
+    model = small_model(8)
+    images, prompts = inputs()
+    response = torch.randint(5, VOCAB, (3, 8))
+    vision_tokens = model.encode_images(images)
+    loss = sft_loss(model, vision_tokens, prompts, response, generator=torch.Generator().manual_seed(3))
+    noisy, masked, p = forward_noise(response, MASK, torch.Generator().manual_seed(3))
+    logits = model(vision_tokens, prompts, noisy)
+    total = 0.0
+    for b in range(3):
+        for i in range(8):
+            if masked[b, i]:
+                total += F.cross_entropy(logits[b, i][None], response[b, i][None]).item() / p[b, 0].item() / 8
+    assert loss.item() == pytest.approx(total / 3, rel=1e-5)
+
+
+# --- vision masking -------------------------------------------------------------------------
+
+def test_all_false_vision_mask_equals_no_mask_and_true_changes_output():
+    model = small_model(8)
+    images, prompts = inputs()
+    vision_tokens = model.encode_images(images)
+    response = torch.full((3, 8), MASK)
+    plain = model(vision_tokens, prompts, response)
+    none_masked = model(vision_tokens, prompts, response, torch.zeros(3, 36, dtype=torch.bool))
+    assert torch.equal(plain, none_masked)
+    mask = torch.zeros(3, 36, dtype=torch.bool)
+    mask[:, 0] = True
+    assert not torch.allclose(plain, model(vision_tokens, prompts, response, mask))
+
+
+def test_masked_image_position_is_exactly_the_mask_embedding():
+    model = small_model(8)
+    images, prompts = inputs()
+    vision_tokens = model.encode_images(images)
+    mask = torch.zeros(3, 36, dtype=torch.bool)
+    mask[:, 5] = True
+    replaced = vision_tokens.clone()
+    replaced[:, 5] = model.tok_embed.weight[MASK]
+    response = torch.full((3, 8), MASK)
+    assert torch.allclose(model(vision_tokens, prompts, response, mask), model(replaced, prompts, response))
+
+
+def test_wrong_image_size_is_a_clear_error():
+    from disp.errors import DispError
+    model = small_model(8)
+    with pytest.raises(DispError, match=r"\(B, 3, 48, 48\)"):
+        model.encode_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))

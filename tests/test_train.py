@@ -1,0 +1,75 @@
+"""train.py end to end on the tiny preset, resume, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from disp import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    result = run("train.py", "--preset", "tiny", "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_tiny_training_writes_checkpoint_and_metrics(tiny_run):
+    model, tokenizer, config, state = checkpoint.load(tiny_run / "clean.pt", stages=["clean"])
+    assert state["finished"] and config.preset == "tiny"
+    metrics = json.loads((tiny_run / "clean_metrics.json").read_text())["metrics"]
+    for key in ("cider", "bleu4", "caption_exact_match", "vqa_accuracy"):
+        assert 0.0 <= metrics[key] <= 10.0
+    assert not (tiny_run / "clean.resume.pt").exists()
+
+
+def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+    """Interrupt right after the step-10 resume checkpoint (as Ctrl-C would), resume, compare."""
+    import train
+
+    real_save = checkpoint.save
+
+    def save_then_interrupt(path, **kwargs):
+        real_save(path, **kwargs)
+        if not kwargs.get("finished", True) and kwargs.get("step") == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--preset", "tiny", "--out-dir", str(tmp_path)])
+    assert not (tmp_path / "clean.pt").exists() and (tmp_path / "clean.resume.pt").exists()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    train.main(["--out-dir", str(tmp_path), "--resume"])
+    resumed = checkpoint.load_state(tmp_path / "clean.pt")["model"]
+    straight = checkpoint.load_state(tiny_run / "clean.pt")["model"]
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
+    metrics = json.loads((tmp_path / "clean_metrics.json").read_text())["metrics"]
+    reference = json.loads((tiny_run / "clean_metrics.json").read_text())["metrics"]
+    metrics.pop("minutes"), reference.pop("minutes")
+    assert metrics == reference
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--data", "imagenet"], "unknown --data 'imagenet'"),
+    (["--data", "coco"], "--data coco needs --data-root"),
+    (["--data", "coco", "--data-root", "/nonexistent/coco"], "/nonexistent/coco"),
+    (["--resume", "--out-dir", "/nonexistent/run"], "does not exist"),
+])
+def test_bad_input_gives_one_line_error(args, message):
+    result = run("train.py", "--preset", "tiny", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
