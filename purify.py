@@ -31,15 +31,11 @@ import math
 import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-
 from disp import checkpoint
 from disp.batching import encode_dataset
 from disp.datasets import VLDataset, load_dataset, save_dataset
-from disp.diffusion import generate
 from disp.errors import DispError, check_ratio, friendly_errors
-from disp.evaluation import token_scores
+from disp.evaluation import generate_responses, token_scores
 from disp.figures import saliency_panels
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
 from disp.training import finetune, trainable_parameters
@@ -78,20 +74,6 @@ def check_args(args):
     check_ratio("--adaptive-quantile", args.adaptive_quantile)
 
 
-@torch.no_grad()
-def regenerate_all(model, tokenizer, data, encoded, masks, args, device):
-    """The compromised model's own responses under the chosen vision masks (greedy, steps = gen_length)."""
-    L = model.cfg.response_len
-    out = []
-    for start in tqdm(range(0, len(data), args.batch_size), desc="regenerating"):
-        idx = slice(start, start + args.batch_size)
-        vision_mask = masks[idx].to(device) if masks is not None else None
-        ids = generate(model, data.images[encoded.image_index[idx]].to(device), encoded.prompt_ids[idx].to(device),
-                       gen_length=L, steps=L, block_length=L, vision_mask=vision_mask)
-        out.extend(tokenizer.decode(row) for row in ids.cpu())
-    return out
-
-
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
@@ -106,7 +88,6 @@ def main(argv=None):
     model, tokenizer, config, state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"], device=device)
     attack = state["extra"]["attack"]
     data = load_dataset(run_dir / "poisoned_train.pt")
-    encoded = encode_dataset(data, tokenizer, config.model)
     tasks = [s["task"] for s in data.samples]
     n_vision = config.model.n_vision
     timings = {}
@@ -130,7 +111,8 @@ def main(argv=None):
         responses = originals
     else:
         t = time.time()
-        responses = regenerate_all(model, tokenizer, data, encoded, masks, args, device)
+        responses = generate_responses(model, tokenizer, data, vision_masks=masks, batch_size=args.batch_size,
+                                       device=device, desc="regenerating")  # greedy, steps = gen_length
         timings["regeneration_s"] = time.time() - t
     changed = [a != b for a, b in zip(originals, responses)]
     print(f"{sum(changed)} of {len(data)} responses changed")

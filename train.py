@@ -19,7 +19,7 @@ import torch
 from disp import checkpoint
 from disp.batching import encode_dataset
 from disp.config import Config, get_preset
-from disp.errors import DispError, friendly_errors
+from disp.errors import friendly_errors
 from disp.evaluation import clean_metrics, generate_responses, split_indices
 from disp.sources import load_splits
 from disp.tokenizer import Tokenizer

@@ -5,7 +5,7 @@ repeated flags. Presets: `cpu` (default, a laptop CPU in minutes), `gpu` (one GP
 `tiny` (seconds, for tests).
 """
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 
 from disp.errors import DispError
 
@@ -16,9 +16,9 @@ class DataConfig:
     data_root: str = ""  # folder with the public data (not used for scenes)
     train_images: int = 8000
     val_images: int = 200
-    test_images: int = 500
+    test_images: int = 300
     finetune_images: int = 1000  # the fine-tuning set that the attacker poisons and DiSP purifies
-    questions_per_image: int = 2  # VQA samples per image, besides its caption
+    questions_per_image: int = 4  # VQA samples per image, besides its caption
     seed: int = 0  # train/val/test/finetune scenes come from seed, seed+1, seed+2, seed+3
 
 
@@ -49,9 +49,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    vision_steps: int = 1500  # phase 1: vision-encoder pretraining (per-patch attributes)
+    vision_steps: int = 300  # phase 1: vision-encoder pretraining (per-patch attributes)
     vision_lr: float = 2e-3
-    sft_steps: int = 5000  # phase 2: multimodal SFT with the masked-diffusion loss (ViT frozen)
+    sft_steps: int = 3000  # phase 2: multimodal SFT with the masked-diffusion loss (ViT frozen)
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.01
@@ -108,7 +108,3 @@ def get_preset(name: str) -> Config:
         raise DispError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[name]
     return Config(data=replace(p.data), model=replace(p.model), train=replace(p.train), preset=p.preset)
-
-
-def field_names(cls) -> list:
-    return [f.name for f in fields(cls)]

@@ -12,12 +12,12 @@ vocabulary. Our choices, made for learnability on a CPU and for the backdoor exp
 - Captions list the objects left to right; three phrasings per image serve as CIDEr references,
   the first one is the training target.
 - Questions (task name -> example):
-    color     what color is the circle ?                  (asked only if that shape is unique)
-    shape     what shape is the red object ?
-    position  where is the red object ?                   left | middle | right
+    color     what color is the circle ? / what color is the left object ?   (a shape only if unique)
+    shape     what shape is the middle object ?
+    position  where is the circle ?                       left | middle | right (if unique)
     count     how many circles are there ?                0 .. 3
-    nearest   what shape is nearest to the red object ?   (relational; asked if unambiguous)
-    same      how many others have the same shape as the red object ?   (relational)
+    nearest   what shape is nearest to the left object ?  (relational; asked if unambiguous)
+    same      how many others have the same shape as the right object ?   (relational)
 - Per-patch labels (colour class, shape class of the object covering most of the patch, 0 for
   background) for the vision-encoder pretraining phase.
 """
@@ -102,19 +102,26 @@ def captions(objects: list) -> list:
 
 
 def questions(objects: list) -> list:
-    """All well-posed (task, question, answer) triples for a scene."""
+    """All well-posed (task, question, answer) triples for a scene.
+
+    Objects are referred to by column or by a unique shape, never by colour: in probes the text
+    model learned colour-keyed look-ups ("where is the red object ?") far too slowly (still at
+    chance after 3,000 steps, while shape- and position-keyed questions reached 100%).
+    """
     out = []
     shape_counts = {s: sum(o["shape"] == s for o in objects) for s in SHAPES}
     for o in objects:
+        where = COLUMNS[o["column"]]
         if shape_counts[o["shape"]] == 1:
             out.append(("color", f"what color is the {o['shape']} ?", o["color"]))
-        out.append(("shape", f"what shape is the {o['color']} object ?", o["shape"]))
-        out.append(("position", f"where is the {o['color']} object ?", COLUMNS[o["column"]]))
-        out.append(("same", f"how many others have the same shape as the {o['color']} object ?",
+            out.append(("position", f"where is the {o['shape']} ?", where))
+        out.append(("shape", f"what shape is the {where} object ?", o["shape"]))
+        out.append(("color", f"what color is the {where} object ?", o["color"]))
+        out.append(("same", f"how many others have the same shape as the {where} object ?",
                     str(shape_counts[o["shape"]] - 1)))
         others = sorted((np.hypot(p["x"] - o["x"], p["y"] - o["y"]), p["shape"]) for p in objects if p is not o)
         if others[1][0] - others[0][0] >= 3:  # only when the nearest object is clearly nearest
-            out.append(("nearest", f"what shape is nearest to the {o['color']} object ?", others[0][1]))
+            out.append(("nearest", f"what shape is nearest to the {where} object ?", others[0][1]))
     for s in SHAPES:
         out.append(("count", f"how many {s}s are there ?", str(shape_counts[s])))
     return out

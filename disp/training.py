@@ -73,9 +73,7 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
         idx = order.indices(step)
         feats = vit(model.to_float(images[idx].to(device)))  # (B, n_vision, vit_dim)
         if patch_labels is not None:
-            labels = patch_labels[idx].to(device)  # (B, n_vision, n_attributes)
-            loss = sum(F.cross_entropy(head(feats).flatten(0, 1), labels[..., a].flatten())
-                       for a, head in enumerate(vit.patch_heads))
+            loss = patch_loss(vit, feats, patch_labels[idx].to(device))
         else:
             logits = vit.patch_heads[0](feats.mean(dim=1))  # (B, vocab)
             loss = F.binary_cross_entropy_with_logits(logits, texts_bow[idx].to(device))
@@ -86,6 +84,12 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return loss.item()
+
+
+def patch_loss(vit, feats, labels):
+    """Per-patch attribute cross-entropy, summed over attributes. feats (B, N, D), labels (B, N, A)."""
+    return sum(F.cross_entropy(head(feats).flatten(0, 1), labels[..., a].flatten())
+               for a, head in enumerate(vit.patch_heads))
 
 
 def finetune(model, images, data: EncodedData, *, params, steps, cfg, device, stage,

@@ -35,9 +35,16 @@ def test_questions_are_well_posed():
     for _ in range(50):
         objects = random_scene(rng)
         for task, question, answer in questions(objects):
-            if task == "color":  # "the circle" only when there is exactly one circle
-                shape = question.split()[-2]
-                assert sum(o["shape"] == shape for o in objects) == 1
+            referent = question.split()[-2]
+            if referent in SHAPES:  # "the circle" only when there is exactly one circle
+                assert sum(o["shape"] == referent for o in objects) == 1
+            if referent == "object":  # "the left object": the object in that column
+                column = ["left", "middle", "right"].index(question.split()[-3])
+                obj = objects[column]
+                if task == "color":
+                    assert answer == obj["color"]
+                if task == "shape":
+                    assert answer == obj["shape"]
             if task == "count":
                 shape = question.split()[2][:-1]
                 assert int(answer) == sum(o["shape"] == shape for o in objects)

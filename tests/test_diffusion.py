@@ -84,7 +84,7 @@ def test_seeded_sampling_matches_reference(remasking, temperature):
 def test_steps_equal_gen_length_commits_one_token_per_step():
     model = small_model(8)
     images, prompts = inputs()
-    committed, calls = [], []
+    committed = []
     original_forward = model.forward
 
     def counting_forward(vision_tokens, prompt_ids, response_ids, *args, **kwargs):

@@ -1,0 +1,83 @@
+"""The four scripts end to end on the tiny preset (run.sh), and their results files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from disp import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    env = dict(os.environ, PRESET="tiny", RUN=str(run_dir))
+    result = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def test_every_stage_wrote_its_artifacts(tiny_pipeline):
+    for name in ("clean.pt", "backdoored.pt", "purified.pt", "control_self_distill.pt", "control_as_is.pt",
+                 "poisoned_train.pt", "poison_manifest.json", "attack_metrics.json", "purified_train.jsonl",
+                 "purified_report.json", "purified_saliency.png", "results.json", "results.md", "sweep.png"):
+        assert (tiny_pipeline / name).exists(), name
+    assert not list(tiny_pipeline.glob("*.resume.pt")) and not list(tiny_pipeline.glob("*.tmp"))
+    for name, stage in (("clean", "clean"), ("backdoored", "backdoored"), ("purified", "purified")):
+        assert checkpoint.load_state(tiny_pipeline / f"{name}.pt")["stage"] == stage
+
+
+def test_results_json_has_the_keys_in_range(tiny_pipeline):
+    results = json.loads((tiny_pipeline / "results.json").read_text())
+    for stage in ("clean", "backdoored", "purified"):
+        for key in ("asr", "false_trigger_rate", "bleu4", "vqa_accuracy"):
+            assert 0.0 <= results[stage][key] <= 1.0, (stage, key)
+        assert 0.0 <= results[stage]["cider"] <= 10.0
+    for key in ("trigger", "target", "poison_rate", "mask_ratio", "saliency", "seed"):
+        assert key in results["config"]
+    assert results["config"]["trigger"] == "patch" and results["config"]["poison_rate"] == 0.2
+    assert any(k.startswith("test-time CleanSight") for k in results["test_time_defences"])
+    sweep = results["sweep"]
+    assert set(sweep) == {"kl", "random"}
+    # at ratio 0 nothing is masked, whatever the selection method
+    assert sweep["kl"]["ratio"][0] == 0.0
+    assert sweep["kl"]["asr"][0] == sweep["random"]["asr"][0]
+    assert sweep["kl"]["vqa_accuracy"][0] == sweep["random"]["vqa_accuracy"][0]
+
+
+def test_purified_dataset_is_readable_and_complete(tiny_pipeline):
+    rows = [json.loads(line) for line in (tiny_pipeline / "purified_train.jsonl").read_text().splitlines()]
+    manifest = json.loads((tiny_pipeline / "poison_manifest.json").read_text())
+    assert len(rows) == manifest["n_samples"]
+    assert {"original", "regenerated", "masked_tokens", "changed"} <= set(rows[0])
+
+
+def test_purify_refuses_a_clean_checkpoint(tiny_pipeline, tmp_path):
+    (tmp_path / "backdoored.pt").write_bytes((tiny_pipeline / "clean.pt").read_bytes())
+    result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "is a 'clean' checkpoint, but this step needs one of: backdoored" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("attack.py", ["--poison-rate", "1.5"], "poison_rate must be in [0, 1]"),
+    ("attack.py", ["--trigger", "laser"], "unknown trigger 'laser'"),
+    ("attack.py", ["--patch-size", "100"], "patch_size 100"),
+    ("attack.py", ["--trainable", "vit"], "unknown --trainable 'vit'"),
+    ("purify.py", ["--mask-ratio", "-0.1"], "--mask-ratio must be in [0, 1]"),
+    ("purify.py", ["--saliency", "gradcam"], "unknown --saliency 'gradcam'"),
+    ("evaluate.py", ["--mask-ratio", "2"], "--mask-ratio must be in [0, 1]"),
+])
+def test_bad_stage_arguments_give_one_line_errors(tiny_pipeline, script, args, message):
+    result = subprocess.run([sys.executable, script, "--run-dir", str(tiny_pipeline), *args], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-1000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr[-1000:]

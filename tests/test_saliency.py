@@ -1,0 +1,77 @@
+"""Saliency scores and selection rules against plain references written here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from disp.errors import DispError
+from disp.saliency import (attention_scores, fit_thresholds, saliency_fisher, saliency_kl, select_adaptive,
+                           select_top_ratio)
+from tests.test_diffusion import MASK, inputs, small_model
+
+
+def test_kl_saliency_matches_a_per_token_loop():
+    model = small_model(6)
+    images, prompts = inputs(batch=2)
+    vision_tokens = model.encode_images(images)
+    ours = saliency_kl(model, vision_tokens, prompts, chunk=7)  # a chunk size that splits samples
+    response = torch.full((2, 6), MASK)
+    for b in range(2):
+        p = F.softmax(model(vision_tokens[b:b + 1], prompts[b:b + 1], response[b:b + 1]), -1)
+        for i in range(36):
+            mask = torch.zeros(1, 36, dtype=torch.bool)
+            mask[0, i] = True
+            q = F.softmax(model(vision_tokens[b:b + 1], prompts[b:b + 1], response[b:b + 1], mask), -1)
+            kl = (p * (p.log() - q.log())).sum()
+            assert ours[b, i].item() == pytest.approx(kl.item(), rel=1e-3, abs=1e-6)
+
+
+def test_fisher_estimator_converges_to_the_exact_quadratic_form():
+    model = small_model(4)
+    images, prompts = inputs(batch=1)
+    vision_tokens = model.encode_images(images).detach()
+    response = torch.full((1, 4), MASK)
+    top = model(vision_tokens, prompts, response).topk(5, dim=-1).indices
+
+    def top_logits(v):
+        return model(v, prompts, response).gather(-1, top)  # (1, L, K)
+
+    J = torch.autograd.functional.jacobian(top_logits, vision_tokens)  # (1, L, K, 1, N, D)
+    J = J[0, :, :, 0]  # (L, K, N, D)
+    p = F.softmax(top_logits(vision_tokens)[0], -1)  # (L, K)
+    delta = model.tok_embed.weight[MASK] - vision_tokens[0]  # (N, D)
+    Jd = torch.einsum("lknd,nd->lkn", J, delta)  # (L, K, N): change of the top logits when token n is masked
+    fisher = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # (L, K, K)
+    exact = 0.5 * torch.einsum("lkn,lkj,ljn->n", Jd, fisher, Jd)
+    estimate = saliency_fisher(model, vision_tokens, prompts, probes=3000,
+                               generator=torch.Generator().manual_seed(0))[0]
+    assert torch.allclose(estimate, exact, rtol=0.15, atol=1e-3 * exact.max().item())
+
+
+def test_top_ratio_selects_exactly_floor_ratio_n_tokens():
+    scores = torch.rand(5, 36)
+    for ratio, k in [(0.0, 0), (0.05, 1), (0.3, 10), (1.0, 36)]:
+        mask = select_top_ratio(scores, ratio)
+        assert (mask.sum(1) == k).all()
+        if k:  # the chosen ones are the top-k
+            assert (scores[mask].view(5, k).min(1).values >= scores.masked_fill(mask, -1).max(1).values).all()
+    with pytest.raises(DispError, match="must be in"):
+        select_top_ratio(scores, 1.5)
+
+
+def test_attention_pruning_prunes_exactly_k_tokens_and_scores_are_a_distribution_share():
+    model = small_model(6)
+    images, prompts = inputs(batch=3)
+    scores = attention_scores(model, model.encode_images(images), prompts)
+    assert scores.shape == (3, 36) and (scores >= 0).all() and (scores.sum(1) <= 1.0 + 1e-5).all()
+    assert (select_top_ratio(scores, 0.1).sum(1) == 3).all()
+
+
+def test_adaptive_rule_uses_one_threshold_per_prompt_type():
+    scores = torch.tensor([[1.0, 2.0, 50.0], [1.0, 2.0, 3.0], [100.0, 200.0, 300.0], [100.0, 200.0, 9000.0]])
+    tasks = ["color", "color", "caption", "caption"]
+    thresholds = fit_thresholds(scores, tasks, 0.8)
+    assert thresholds["color"] < thresholds["caption"]
+    mask = select_adaptive(scores, tasks, thresholds, max_tokens=1)
+    assert mask.tolist() == [[False, False, True], [False, False, False], [False, False, False],
+                             [False, False, True]]
