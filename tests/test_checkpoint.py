@@ -11,6 +11,10 @@ from disp.errors import DispError
 from disp.tokenizer import Tokenizer
 
 
+class Payload:
+    """An arbitrary Python object: unpickling it could run code, so it must be refused."""
+
+
 def make(tmp_path, stage="clean"):
     config = get_preset("tiny")
     tokenizer = Tokenizer.build(["describe the image .", "a red circle"])
@@ -25,7 +29,7 @@ def test_round_trip_restores_weights_config_and_tokenizer(tmp_path):
     path, model = make(tmp_path)
     loaded, tokenizer, config, state = checkpoint.load(path, stages=["clean"])
     assert state["step"] == 3 and state["finished"] and config.preset == "tiny"
-    assert tokenizer.words[-1] == "."  # reserved words come last
+    assert "<backdoor>" in tokenizer.words  # reserved for the attack stage
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # no temp file left behind
@@ -52,10 +56,6 @@ def test_truncated_checkpoint_is_refused(tmp_path):
 
 def test_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
-
-    class Payload:
-        pass
-
     torch.save({"stage": "clean", "model": {}, "config": {}, "tokenizer": Payload()}, path)
     with pytest.raises(DispError, match="pickled objects"):
         checkpoint.load(path)

@@ -144,13 +144,13 @@ def test_bad_sampler_arguments():
 # --- forward process and loss ---------------------------------------------------------------
 
 def test_forward_noise_only_touches_the_response_with_rate_p():
-    response = torch.randint(5, VOCAB, (4000, 16))
+    response = torch.randint(5, VOCAB, (2000, 400))
     noisy, masked, p = forward_noise(response, MASK, torch.Generator().manual_seed(0))
     assert torch.equal(noisy == MASK, masked)
     assert torch.equal(noisy[~masked], response[~masked])
     assert p.min() >= 1e-3 and p.max() <= 1.0
     # the empirical masking rate per sequence follows p
-    assert torch.allclose(masked.float().mean(1), p.squeeze(1), atol=0.3)
+    assert torch.allclose(masked.float().mean(1), p.squeeze(1), atol=0.15)  # 6 sigma at 400 tokens
     assert abs(masked.float().mean().item() - p.mean().item()) < 0.01
 
 
