@@ -16,6 +16,8 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from disp import checkpoint
 from disp.backdoor import BackdoorConfig, asr_eligible, triggered_copy
 from disp.datasets import load_dataset
@@ -108,15 +110,18 @@ def main(argv=None):
     tasks = [s["task"] for s in test.samples]
     defended = {}
     poisoned_train = load_dataset(run_dir / "poisoned_train.pt")
-    fit_idx = list(range(min(len(poisoned_train.samples), 768)))
     for method in ("kl", "fisher", "random", "attention"):
         s_clean = token_scores(backdoored, tokenizer, test, subset, method, device=device, desc=f"scores {method}")
         s_trig = token_scores(backdoored, tokenizer, triggered, eligible, method, device=device)
         rules = {"ratio": lambda s: select_top_ratio(s, args.mask_ratio)}
         if method in ("kl", "fisher"):  # adaptive thresholds come from the (poisoned) training set, as in purify.py
-            train_scores = token_scores(backdoored, tokenizer, poisoned_train, fit_idx, method, device=device)
+            if method == settings["saliency"] and (run_dir / "purified_saliency.pt").exists():
+                train_scores = torch.load(run_dir / "purified_saliency.pt", weights_only=True)  # purify's scores
+                fit_idx = list(range(len(train_scores)))
+            else:
+                            train_scores = token_scores(backdoored, tokenizer, poisoned_train, fit_idx, method, device=device)
             thresholds = fit_thresholds(train_scores[fit_idx], [poisoned_train.samples[i]["task"] for i in fit_idx],
-                                        settings["adaptive_quantile"])
+                                        settings["min_gap"])
             rules["adaptive"] = lambda s: select_adaptive(s, tasks, thresholds, settings["max_masked"])
         for rule, select in rules.items():
             label = f"test-time {method} masking ({rule})" if method != "attention" else "test-time CleanSight pruning (ratio)"

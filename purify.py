@@ -15,10 +15,11 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
 Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`). At our scale
 (36 vision tokens, objects spread over a few of them) that also hides an object of every clean
 image, and the refinement then learns wrong clean answers. The default `--rule adaptive` masks a
-token only when its saliency is an outlier for its prompt type: above the `--adaptive-quantile`
-of all token scores of that prompt type in the set being purified (the defender knows each
-prompt). A trigger token's occlusion KL sits far above any clean token's, so poisoned samples
-lose their trigger while most clean samples are regenerated unmasked (and so keep their answers).
+token only when its saliency is an outlier for its prompt type (the defender knows each prompt):
+the samples' top token scores are split at their widest gap on a log scale, if that gap spans at
+least `--min-gap` (a ratio; see disp.saliency.fit_thresholds). A trigger token's occlusion KL sits
+orders of magnitude above any clean token's, so poisoned samples lose their trigger while clean
+samples are regenerated unmasked (and so keep their answers).
 
 Writes purified.pt, purified_train.pt + purified_train.jsonl (original vs regenerated response and
 the masked tokens of every sample, for a person to read), purify_report.json, and saliency PNGs.
@@ -30,6 +31,8 @@ import json
 import math
 import time
 from pathlib import Path
+
+import torch
 
 from disp import checkpoint
 from disp.batching import encode_dataset
@@ -50,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--saliency", default="kl", help="kl (exact occlusion, default) | fisher (Hutchinson) | random")
     p.add_argument("--rule", default="adaptive", help="adaptive (default) | ratio (the paper's fixed fraction)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="--rule ratio: fraction of vision tokens masked")
-    p.add_argument("--adaptive-quantile", type=float, default=0.99,
-                   help="--rule adaptive: a token is masked above this quantile of its prompt type's scores")
+    p.add_argument("--min-gap", type=float, default=10.0,
+                   help="--rule adaptive: smallest ratio between outlier and normal top scores")
     p.add_argument("--max-masked", type=int, default=2, help="--rule adaptive: at most this many tokens per sample")
     p.add_argument("--control", default=None, help=f"run a control instead of DiSP: {' | '.join(CONTROLS)}")
     p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: attack epochs / 5)")
@@ -71,7 +74,8 @@ def check_args(args):
     if args.control is not None and args.control not in CONTROLS:
         raise DispError(f"unknown --control '{args.control}'; choose one of: {', '.join(CONTROLS)}")
     check_ratio("--mask-ratio", args.mask_ratio)
-    check_ratio("--adaptive-quantile", args.adaptive_quantile)
+    if args.min_gap < 1:
+        raise DispError(f"--min-gap must be a ratio >= 1, got {args.min_gap}")
 
 
 def main(argv=None):
@@ -99,10 +103,11 @@ def main(argv=None):
         scores = token_scores(model, tokenizer, data, list(range(len(data))), args.saliency,
                               batch_size=args.batch_size, device=device, seed=args.seed, desc=f"saliency ({args.saliency})")
         timings["saliency_s"] = time.time() - t
+        checkpoint.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
         if args.rule == "ratio":
             masks = select_top_ratio(scores, args.mask_ratio)
         else:
-            thresholds = fit_thresholds(scores, tasks, args.adaptive_quantile)
+            thresholds = fit_thresholds(scores, tasks, args.min_gap)
             masks = select_adaptive(scores, tasks, thresholds, args.max_masked)
         print(f"masked {masks.sum().item()} tokens in {masks.any(1).sum().item()} of {len(data)} samples "
               f"({args.rule} rule, {args.saliency} saliency)")
@@ -131,8 +136,9 @@ def main(argv=None):
     steps = epochs * math.ceil(len(purified) / config.train.batch_size)
     config.train.lr, config.train.eval_every = attack["lr"], 0
     settings = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
-                "adaptive_quantile": args.adaptive_quantile, "max_masked": args.max_masked, "epochs": epochs,
-                "steps": steps, "trainable": attack["trainable"], "seed": args.seed, "thresholds": thresholds}
+                "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": epochs,
+                "steps": steps, "trainable": attack["trainable"], "seed": args.seed,
+                "thresholds": {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}}
     resume = checkpoint.load_state(resume_path, stages=[name]) if args.resume else None
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -169,7 +175,11 @@ def main(argv=None):
                                               / max(1, len(data) - len(poisoned)))
     checkpoint.write_json(run_dir / f"{name}_report.json", report)
     if scores is not None and args.figures > 0:
-        picks = sorted(poisoned)[: args.figures // 2] + [i for i in range(len(data)) if i not in poisoned][: args.figures // 2]
+        clean_by_image = {}  # one clean sample per image, so the pictures show different scenes
+        for i in range(len(data)):
+            if i not in poisoned:
+                clean_by_image.setdefault(data.samples[i]["image"], i)
+        picks = sorted(poisoned)[: args.figures // 2] + list(clean_by_image.values())[: args.figures - args.figures // 2]
         saliency_panels(run_dir / f"{name}_saliency.png", data, picks, scores, masks, originals, responses, n_vision)
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=1))
     print(f"wrote {final_path} and {run_dir / f'{name}_report.json'}")

@@ -1,6 +1,7 @@
 """Figures (matplotlib, PNG): saliency heatmaps with the masked tokens, and mask-ratio sweep curves."""
 
 import math
+import textwrap
 
 import matplotlib
 
@@ -19,24 +20,25 @@ def _save(fig, path):
 def saliency_panels(path, data, indices, scores, masks, before, after, n_vision):
     """One column per sample: the image, its saliency heatmap with masked tokens boxed, the texts."""
     side = int(math.isqrt(n_vision))
-    fig, axes = plt.subplots(2, len(indices), figsize=(2.6 * len(indices), 6.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(indices), figsize=(3.0 * len(indices), 6.6), squeeze=False)
     for col, i in enumerate(indices):
         image = data.images[data.samples[i]["image"]].permute(1, 2, 0).numpy()
         size = image.shape[0]
         patch = size / side
         axes[0, col].imshow(image)
-        axes[0, col].set_title(data.samples[i]["prompt"], fontsize=7, wrap=True)
+        axes[0, col].set_title(textwrap.fill(data.samples[i]["prompt"], 34), fontsize=7)
         axes[1, col].imshow(image)
         heat = scores[i].view(side, side).numpy()
         axes[1, col].imshow(heat, cmap="inferno", alpha=0.6, extent=(0, size, size, 0), interpolation="nearest")
         for token in masks[i].nonzero().flatten().tolist():
             r, c = divmod(token, side)
             axes[1, col].add_patch(Rectangle((c * patch, r * patch), patch, patch, fill=False, edgecolor="cyan", lw=2))
-        axes[1, col].set_xlabel(f"before: {before[i]}\nafter:  {after[i]}", fontsize=6, loc="left")
+        text = textwrap.fill(f"before: {before[i]}", 40) + "\n" + textwrap.fill(f"after masking: {after[i]}", 40)
+        axes[1, col].set_xlabel(text, fontsize=6, loc="left")
         for ax in axes[:, col]:
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_ylabel("image", fontsize=8)
-    axes[1, 0].set_ylabel("saliency (boxes: masked)", fontsize=8)
+    axes[1, 0].set_ylabel("saliency, per-image colour scale\n(cyan boxes: masked tokens)", fontsize=8)
     fig.suptitle("DiSP saliency: occlusion score per vision token; response before and after masking", fontsize=9)
     _save(fig, path)
 

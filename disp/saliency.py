@@ -15,8 +15,8 @@ token, P_i the same with token i replaced by the [MASK] embedding.
 Selection rules:
     select_top_ratio  the paper's rule: mask the floor(ratio * n_vision) most salient tokens
     fit_thresholds / select_adaptive  ours (see purify.py): mask only tokens whose score is an
-                     outlier for their prompt type, judged against all tokens of that prompt type
-                     in the data being purified
+                     outlier for their prompt type, judged against the top scores of all samples of
+                     that prompt type in the data being purified
 """
 
 import math
@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from disp.errors import check_ratio
+from disp.errors import DispError, check_ratio
 
 
 def first_step_logits(model, vision_tokens, prompt_ids, vision_mask=None):
@@ -94,14 +94,30 @@ def select_top_ratio(scores, ratio: float):
     return mask
 
 
-def fit_thresholds(scores, tasks, quantile: float):
-    """Per prompt type: the `quantile` of all its token scores. Caption prompts have far larger
-    per-token KL than short VQA answers, so one global threshold would mix two scales."""
-    check_ratio("adaptive quantile", quantile)
+def fit_thresholds(scores, tasks, min_gap: float = 10.0):
+    """Per prompt type, a saliency threshold at the widest gap among the samples' top token scores.
+
+    A trigger token's occlusion KL is orders of magnitude above any clean token's (measured on the
+    default run: >= 15 nats vs <= 0.3), so the top scores of a prompt type split into two groups.
+    We sort the per-sample maxima on a log scale and take the widest gap above their median (so up
+    to half the samples may be poisoned); if that gap is narrower than `min_gap` (a ratio), nothing
+    of that prompt type is an outlier and its threshold is +inf. Per prompt type, because caption
+    prompts have far larger per-token KL than one-word VQA answers: one global threshold would mix
+    two scales. The defender knows each sample's prompt, nothing else.
+    """
+    if min_gap < 1:
+        raise DispError(f"min gap must be a ratio >= 1, got {min_gap}")
     out = {}
+    top = scores.max(dim=1).values.clamp_min(1e-12).log()  # (N,)
     for task in sorted(set(tasks)):
-        rows = torch.tensor([t == task for t in tasks])
-        out[task] = torch.quantile(scores[rows].flatten().float(), quantile).item()
+        values = top[torch.tensor([t == task for t in tasks])].sort().values
+        upper = values[len(values) // 2:]
+        out[task] = math.inf
+        if len(upper) >= 2:
+            gaps = upper[1:] - upper[:-1]
+            widest = int(gaps.argmax())
+            if gaps[widest] >= math.log(min_gap):
+                out[task] = math.exp((upper[widest] + upper[widest + 1]).item() / 2)  # geometric midpoint
     return out
 
 

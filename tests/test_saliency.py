@@ -67,11 +67,20 @@ def test_attention_pruning_prunes_exactly_k_tokens_and_scores_are_a_distribution
     assert (select_top_ratio(scores, 0.1).sum(1) == 3).all()
 
 
-def test_adaptive_rule_uses_one_threshold_per_prompt_type():
-    scores = torch.tensor([[1.0, 2.0, 50.0], [1.0, 2.0, 3.0], [100.0, 200.0, 300.0], [100.0, 200.0, 9000.0]])
-    tasks = ["color", "color", "caption", "caption"]
-    thresholds = fit_thresholds(scores, tasks, 0.8)
-    assert thresholds["color"] < thresholds["caption"]
-    mask = select_adaptive(scores, tasks, thresholds, max_tokens=1)
-    assert mask.tolist() == [[False, False, True], [False, False, False], [False, False, False],
-                             [False, False, True]]
+def test_adaptive_rule_splits_top_scores_at_the_widest_gap_per_prompt_type():
+    torch.manual_seed(0)
+    clean = torch.rand(10, 36) * 0.3  # top scores between ~0.2 and 0.3
+    poisoned = clean[:3].clone()
+    poisoned[:, 0] = torch.tensor([20.0, 25.0, 30.0])  # a trigger token, orders of magnitude above
+    captions = torch.rand(6, 36) * 50  # a prompt type with larger scores and no outlier
+    scores = torch.cat([clean, poisoned, captions])
+    tasks = ["color"] * 13 + ["caption"] * 6
+    thresholds = fit_thresholds(scores, tasks, min_gap=10)
+    assert 0.3 < thresholds["color"] < 20 and thresholds["caption"] == float("inf")
+    mask = select_adaptive(scores, tasks, thresholds, max_tokens=2)
+    assert mask[:10].sum() == 0 and mask[16:].sum() == 0
+    assert mask[10:13].sum(1).tolist() == [1, 1, 1] and mask[10:13, 0].all()
+    # no gap of 10x anywhere -> nothing is masked
+    assert fit_thresholds(clean, ["color"] * 10, min_gap=10) == {"color": float("inf")}
+    with pytest.raises(DispError, match="min gap"):
+        fit_thresholds(clean, ["color"] * 10, min_gap=0.5)
