@@ -39,9 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default="runs/default", help="run directory to evaluate")
     p.add_argument("--mask-ratio", type=float, default=0.05,
                    help="fixed ratio for the test-time defences (0.05 of 36 tokens = 1 token)")
-    p.add_argument("--sweep", default="0,0.03,0.06,0.1,0.2,0.3,0.45,0.6,0.9", help="mask ratios of the sweep")
+    p.add_argument("--sweep", default="0,0.03,0.1,0.2,0.3,0.45,0.6,0.9", help="mask ratios of the sweep")
     p.add_argument("--eval-samples", type=int, default=None, help="test samples for the main rows (default: all)")
-    p.add_argument("--ablation-samples", type=int, default=300, help="test samples for defences and the sweep")
+    p.add_argument("--ablation-samples", type=int, default=200, help="test samples for defences and the sweep")
+    p.add_argument("--skip-ablations", action="store_true", help="only the main rows (for attack variants)")
     p.add_argument("--compare", default=None, help="comma-separated run dirs already evaluated: one table")
     p.add_argument("--aggregate", default=None, help="comma-separated run dirs (seeds): mean ± std table")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -75,8 +76,10 @@ def main(argv=None):
     t0 = time.time()
 
     # --- models and data -----------------------------------------------------------------------
-    clean, tokenizer, config, _ = checkpoint.load(run_dir / "clean.pt", stages=["clean"], device=device)
-    backdoored, _, _, b_state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"], device=device)
+    backdoored, tokenizer, config, b_state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"],
+                                                             device=device)
+    # the clean model the attack started from (attack variants share runs/default/clean.pt)
+    clean, *_ = checkpoint.load(b_state["extra"]["attack"]["clean_checkpoint"], stages=["clean"], device=device)
     purified, _, _, p_state = checkpoint.load(run_dir / "purified.pt", stages=["purified"], device=device)
     bcfg = BackdoorConfig.from_dict(b_state["extra"]["attack"]["backdoor"])
     settings = p_state["extra"]["purify"]
@@ -105,12 +108,13 @@ def main(argv=None):
             rows[label] = summary(results[name])
 
     # --- test-time defences on the backdoored model (no refinement) ------------------------------
+    results["test_time_defences"], results["sweep"] = {}, {}
     subset = list(range(len(test.samples)))[: args.ablation_samples]
     eligible = [i for i in asr_eligible(test.samples, bcfg) if i < len(subset)]
     tasks = [s["task"] for s in test.samples]
-    defended = {}
+    defended = results["test_time_defences"]
     poisoned_train = load_dataset(run_dir / "poisoned_train.pt")
-    for method in ("kl", "fisher", "random", "attention"):
+    for method in () if args.skip_ablations else ("kl", "fisher", "random", "attention"):
         s_clean = token_scores(backdoored, tokenizer, test, subset, method, device=device, desc=f"scores {method}")
         s_trig = token_scores(backdoored, tokenizer, triggered, eligible, method, device=device)
         rules = {"ratio": lambda s: select_top_ratio(s, args.mask_ratio)}
@@ -118,8 +122,9 @@ def main(argv=None):
             if method == settings["saliency"] and (run_dir / "purified_saliency.pt").exists():
                 train_scores = torch.load(run_dir / "purified_saliency.pt", weights_only=True)  # purify's scores
                 fit_idx = list(range(len(train_scores)))
-            else:
-                            train_scores = token_scores(backdoored, tokenizer, poisoned_train, fit_idx, method, device=device)
+            else:  # a sample of the training set is enough to place the gap
+                fit_idx = list(range(min(len(poisoned_train.samples), 400)))
+                train_scores = token_scores(backdoored, tokenizer, poisoned_train, fit_idx, method, device=device)
             thresholds = fit_thresholds(train_scores[fit_idx], [poisoned_train.samples[i]["task"] for i in fit_idx],
                                         settings["min_gap"])
             rules["adaptive"] = lambda s: select_adaptive(s, tasks, thresholds, settings["max_masked"])
@@ -136,8 +141,7 @@ def main(argv=None):
                                triggered_masks=select_top_ratio(s_trig, r))
                 for k in ("asr", "vqa_accuracy", "cider"):
                     curve[k].append(m.get(k, 0.0))
-            results.setdefault("sweep", {})[method] = curve
-    results["test_time_defences"] = defended
+            results["sweep"][method] = curve
     results["rows"] = rows
 
     # --- examples, figures, files --------------------------------------------------------------
@@ -146,7 +150,8 @@ def main(argv=None):
                 for i in sorted(outputs["backdoored"])[:6]]
     results["examples"] = examples
     results["minutes"] = (time.time() - t0) / 60
-    sweep_curves(run_dir / "sweep.png", results["sweep"])
+    if results["sweep"]:
+        sweep_curves(run_dir / "sweep.png", results["sweep"])
     checkpoint.write_json(run_dir / "results.json", results)
     markdown = results_markdown(results, rows, run_dir)
     checkpoint.atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(markdown))

@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--max-masked", type=int, default=2, help="--rule adaptive: at most this many tokens per sample")
     p.add_argument("--control", default=None, help=f"run a control instead of DiSP: {' | '.join(CONTROLS)}")
     p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: attack epochs / 5)")
+    p.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the attack's)")
     p.add_argument("--batch-size", type=int, default=128, help="samples per scoring / generation batch")
     p.add_argument("--figures", type=int, default=6, help="saliency pictures to draw")
     p.add_argument("--seed", type=int, default=0, help="seed for batch order, random/fisher saliency")
@@ -134,10 +135,10 @@ def main(argv=None):
     # --- 3. refinement ------------------------------------------------------------------------
     epochs = args.epochs if args.epochs is not None else max(1, attack["epochs"] // 5)
     steps = epochs * math.ceil(len(purified) / config.train.batch_size)
-    config.train.lr, config.train.eval_every = attack["lr"], 0
+    config.train.lr, config.train.eval_every = args.lr or attack["lr"], 0
     settings = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
                 "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": epochs,
-                "steps": steps, "trainable": attack["trainable"], "seed": args.seed,
+                "steps": steps, "lr": config.train.lr, "trainable": attack["trainable"], "seed": args.seed,
                 "thresholds": {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}}
     resume = checkpoint.load_state(resume_path, stages=[name]) if args.resume else None
     if resume is not None:

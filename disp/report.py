@@ -24,10 +24,10 @@ def results_markdown(results: dict, rows: dict, run_dir) -> str:
            f"Test-time fixed mask ratio {cfg['mask_ratio']}. Preset {cfg['preset']}, seed {cfg['seed']}.\n",
            "Rates are fractions in [0, 1]. ASR: share of triggered test inputs whose output shows the target; "
            "false trigger: the same test on the clean inputs; CIDEr-D / BLEU-4 / VQA accuracy on clean inputs.\n",
-           _table(ordered),
-           "\n## Mask-ratio sweep (backdoored model, masking at inference only)\n",
-           "![sweep](sweep.png)\n",
-           "| selection | ratio | ASR | clean VQA | clean CIDEr-D |\n|---|---:|---:|---:|---:|\n"]
+           _table(ordered)]
+    if results["sweep"]:
+        out += ["\n## Mask-ratio sweep (backdoored model, masking at inference only)\n", "![sweep](sweep.png)\n",
+                "| selection | ratio | ASR | clean VQA | clean CIDEr-D |\n|---|---:|---:|---:|---:|\n"]
     for method, curve in results["sweep"].items():
         for r, a, v, c in zip(curve["ratio"], curve["asr"], curve["vqa_accuracy"], curve["cider"]):
             out.append(f"| {method} | {r:.2f} | {a:.3f} | {v:.3f} | {c:.3f} |\n")

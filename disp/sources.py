@@ -25,11 +25,14 @@ def load_splits(cfg: DataConfig, image_size: int):
         )
     if not cfg.data_root:
         raise DispError(f"--data {cfg.source} needs --data-root pointing at the dataset folder")
-    limits = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}
+    # COCO and VQAv2 publish no test answers: their val split doubles as the test split
+    # (use --data karpathy for the standard COCO caption test split).
+    test_split = "val" if cfg.source in ("coco", "vqav2") else "test"
+    limits = {"train": (cfg.train_images, "train"), "val": (cfg.val_images, "val"), "test": (cfg.test_images, test_split)}
     return tuple(
         check_not_empty(load_public(cfg.source, cfg.data_root, split, image_size, max_images=limit),
                         f"{cfg.source} {split} split under {cfg.data_root}")
-        for split, limit in limits.items()
+        for limit, split in limits.values()
     )
 
 

@@ -26,6 +26,9 @@ TRAINABLE = ("projector", "projector+lm", "all")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 0. The warmup is at most 5% of a run, so that a short
+    fine-tuning run (the refinement: ~100 steps) still spends most of its steps annealing."""
+    warmup = max(1, min(warmup, total // 20))
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -61,6 +61,27 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
     assert metrics == reference
 
 
+def test_training_on_a_public_dataset_layout(tmp_path):
+    """Karpathy-split fixture on disk: no per-patch labels, so vision pretraining uses bag of words."""
+    from torchvision.io import write_png
+
+    root = tmp_path / "karpathy"
+    images = []
+    for k, split in enumerate(["train", "train", "restval", "val", "test"]):
+        folder = root / "images" / "val2014"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_png(torch.randint(0, 256, (3, 20 + k, 30), dtype=torch.uint8), str(folder / f"{k}.png"))
+        sentences = [{"raw": f"A red thing number {k}.", "tokens": ["a", "red", "thing", "number", str(k)]},
+                     {"raw": "Some noise.", "tokens": ["some", "noise"]}]
+        images.append({"filepath": "val2014", "filename": f"{k}.png", "split": split, "sentences": sentences})
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    result = run("train.py", "--preset", "tiny", "--data", "karpathy", "--data-root", str(root),
+                 "--out-dir", str(tmp_path / "run"), "--sft-steps", "4", "--vision-steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, tokenizer, config, _ = checkpoint.load(tmp_path / "run" / "clean.pt")
+    assert config.data.source == "karpathy" and config.model.patch_classes == [len(tokenizer)]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--data", "imagenet"], "unknown --data 'imagenet'"),

@@ -1,0 +1,50 @@
+"""Every trigger x target combination (4 x 3) with the same fine-tuning budget, as one table.
+
+    python experiments/attack_grid.py --clean-checkpoint runs/default/clean.pt --out-dir runs/grid
+
+Runs attack.py once per combination (each into OUT_DIR/<trigger>-<target>/), then writes
+OUT_DIR/attack_grid.md with ASR, false-trigger rate and clean metrics of every backdoored model.
+A combination that already has attack_metrics.json is not rerun.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRIGGERS = ("patch", "blended", "sig", "wanet")
+TARGETS = ("insert", "refusal", "misclassify")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clean-checkpoint", default="runs/default/clean.pt", help="the clean model to attack")
+    p.add_argument("--out-dir", default="runs/grid", help="one sub-directory per combination goes here")
+    p.add_argument("--eval-samples", type=int, default=600, help="test samples measured per attack")
+    args, extra = p.parse_known_args()  # anything else goes to attack.py (e.g. --epochs 10)
+    out = Path(args.out_dir)
+    rows = []
+    for trigger in TRIGGERS:
+        for target in TARGETS:
+            run_dir = out / f"{trigger}-{target}"
+            if not (run_dir / "attack_metrics.json").exists():
+                cmd = [sys.executable, str(ROOT / "attack.py"), "--run-dir", str(run_dir), "--clean-checkpoint",
+                       args.clean_checkpoint, "--trigger", trigger, "--target", target,
+                       "--eval-samples", str(args.eval_samples), *extra]
+                subprocess.run(cmd, check=True)
+            m = json.loads((run_dir / "attack_metrics.json").read_text())
+            rows.append((trigger, target, m["clean"], m["backdoored"]))
+    lines = ["| trigger | target | ASR | false trigger | CIDEr-D (clean model) | CIDEr-D | VQA (clean model) | VQA |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for trigger, target, clean, bad in rows:
+        lines.append(f"| {trigger} | {target} | {bad['asr']:.3f} | {bad['false_trigger_rate']:.3f} | "
+                     f"{clean['cider']:.3f} | {bad['cider']:.3f} | {clean['vqa_accuracy']:.3f} | {bad['vqa_accuracy']:.3f} |")
+    table = "\n".join(lines) + "\n"
+    (out / "attack_grid.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
