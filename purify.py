@@ -58,7 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--max-masked", type=int, default=2, help="--rule adaptive: at most this many tokens per sample")
     p.add_argument("--control", default=None, help=f"run a control instead of DiSP: {' | '.join(CONTROLS)}")
     p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: attack epochs / 5)")
-    p.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: the attack's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="refinement learning rate (default: 0.3x the attack's; at the attack's own rate even "
+                        "refining on the unchanged data cost ~5 points of VQA accuracy)")
     p.add_argument("--batch-size", type=int, default=128, help="samples per scoring / generation batch")
     p.add_argument("--figures", type=int, default=6, help="saliency pictures to draw")
     p.add_argument("--seed", type=int, default=0, help="seed for batch order, random/fisher saliency")
@@ -135,7 +137,7 @@ def main(argv=None):
     # --- 3. refinement ------------------------------------------------------------------------
     epochs = args.epochs if args.epochs is not None else max(1, attack["epochs"] // 5)
     steps = epochs * math.ceil(len(purified) / config.train.batch_size)
-    config.train.lr, config.train.eval_every = args.lr or attack["lr"], 0
+    config.train.lr, config.train.eval_every = args.lr or 0.3 * attack["lr"], 0
     settings = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
                 "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": epochs,
                 "steps": steps, "lr": config.train.lr, "trainable": attack["trainable"], "seed": args.seed,
