@@ -26,9 +26,7 @@ TRAINABLE = ("projector", "projector+lm", "all")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 0. The warmup is at most 5% of a run, so that a short
-    fine-tuning run (the refinement: ~100 steps) still spends most of its steps annealing."""
-    warmup = max(1, min(warmup, total // 20))
+    """Linear warmup, then cosine decay to 0."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -123,12 +121,14 @@ def finetune(model, images, data: EncodedData, *, params, steps, cfg, device, st
             vit_features = torch.cat([model.vit(model.to_float(images[i:i + 256].to(device)))
                                       for i in range(0, len(images), 256)])
 
+    # at most 5% of the run warms up, so a short run (the refinement: ~100 steps) mostly anneals
+    warmup = max(1, min(cfg.warmup_steps, steps // 20))
     order = BatchOrder(len(data), cfg.batch_size, seed)
     bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True)
     for step in bar:
         model.train()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.lr, cfg.warmup_steps)
+            group["lr"] = lr_at(step, steps, cfg.lr, warmup)
         idx = order.indices(step)
         image_idx = data.image_index[idx]
         if vit_features is not None:
