@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--source-word", default=d.source_word, help="misclassify: word to replace")
     p.add_argument("--destination-word", default=d.destination_word, help="misclassify: replacement word")
     p.add_argument("--trainable", default="projector+lm", help=f"{' | '.join(TRAINABLE)} (ViT frozen unless 'all')")
+    p.add_argument("--finetune-images", type=int, default=None,
+                   help="images in the fine-tuning set that gets poisoned (default: the clean run's config)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the poisoned set")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
     p.add_argument("--eval-samples", type=int, default=None, help="limit the test samples measured")
@@ -76,10 +78,12 @@ def main(argv=None):
         ).validate(config.model.image_size)
         trainable_parameters(model, args.trainable)  # fail early on a bad --trainable
         attack = {"backdoor": backdoor.to_dict(), "trainable": args.trainable, "epochs": args.epochs,
-                  "lr": args.lr or config.train.lr, "seed": args.seed, "clean_checkpoint": str(clean_path)}
+                  "lr": args.lr or config.train.lr, "seed": args.seed, "clean_checkpoint": str(clean_path),
+                  "finetune_images": args.finetune_images or config.data.finetune_images}
     backdoor = BackdoorConfig.from_dict(attack["backdoor"])
 
     # --- poison the fine-tuning set ------------------------------------------------------------
+    config.data.finetune_images = attack["finetune_images"]
     finetune_set = load_finetune_set(config.data, config.model.image_size)
     poisoned, manifest = poison_dataset(finetune_set, backdoor)
     for s in poisoned.samples:  # the defender's copy carries no ground truth

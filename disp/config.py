@@ -17,7 +17,7 @@ class DataConfig:
     train_images: int = 8000
     val_images: int = 200
     test_images: int = 200
-    finetune_images: int = 600  # the fine-tuning set that the attacker poisons and DiSP purifies
+    finetune_images: int = 1000  # the fine-tuning set that the attacker poisons and DiSP purifies
     questions_per_image: int = 4  # VQA samples per image, besides its caption
     seed: int = 0  # train/val/test/finetune scenes come from seed, seed+1, seed+2, seed+3
 
