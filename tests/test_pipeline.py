@@ -81,3 +81,17 @@ def test_bad_stage_arguments_give_one_line_errors(tiny_pipeline, script, args, m
     assert result.returncode == 2, result.stderr[-1000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr[-1000:]
+
+
+@pytest.mark.parametrize("mode,out_name,header", [("--compare", "comparison.md", "Attack variants"),
+                                                  ("--aggregate", "aggregate.md", "Mean ± std over 2 runs")])
+def test_compare_and_aggregate_tables(tiny_pipeline, tmp_path, mode, out_name, header):
+    for name in ("seed0", "seed1"):  # two "runs" with the tiny run's results
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text((tiny_pipeline / "results.json").read_text())
+    dirs = f"{tmp_path / 'seed0'},{tmp_path / 'seed1'}"
+    result = subprocess.run([sys.executable, "evaluate.py", mode, dirs], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
+    table = (tmp_path / out_name).read_text()
+    assert header in table and "DiSP" in table
+    assert table.count("\n| ") >= 3  # header row plus at least two data rows
