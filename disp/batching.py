@@ -47,8 +47,10 @@ class BatchOrder:
         return self._perms[epoch]
 
     def indices(self, step: int) -> torch.Tensor:
-        start = step * self.batch_size
-        out = []
-        for pos in range(start, start + self.batch_size):
-            out.append(self._perm(pos // self.n)[pos % self.n])
-        return torch.stack(out)
+        positions = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)  # in the sample stream
+        epochs = positions // self.n
+        out = torch.empty(self.batch_size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():  # a batch spans at most a few epochs
+            here = epochs == epoch
+            out[here] = self._perm(epoch)[positions[here] % self.n]
+        return out

@@ -92,7 +92,8 @@ def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None
     backdoored model still describe the image?).
     """
     indices = list(range(len(test.samples)))[:limit]
-    eligible = [i for i in asr_eligible(test.samples, bcfg) if i in set(indices)]
+    measured = set(indices)
+    eligible = [i for i in asr_eligible(test.samples, bcfg) if i in measured]
     clean_out = dict(zip(indices, generate_responses(model, tokenizer, test, indices, device=device,
                                                      vision_masks=clean_masks, desc=desc and desc + " (clean)")))
     triggered = triggered if triggered is not None else triggered_copy(test, bcfg)
