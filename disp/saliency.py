@@ -97,8 +97,8 @@ def select_top_ratio(scores, ratio: float):
 def fit_thresholds(scores, tasks, min_gap: float = 10.0):
     """Per prompt type, a saliency threshold at the widest gap among the samples' top token scores.
 
-    A trigger token's occlusion KL is orders of magnitude above any clean token's (measured on the
-    default run: >= 15 nats vs <= 0.3), so the top scores of a prompt type split into two groups.
+    A trigger token's occlusion KL is orders of magnitude above any clean token's (measured once on a
+    cpu-preset probe run: >= 15 nats vs <= 0.32), so the top scores of a prompt type split into two groups.
     We sort the per-sample maxima on a log scale and take the widest gap above their median (so up
     to half the samples may be poisoned); if that gap is narrower than `min_gap` (a ratio), nothing
     of that prompt type is an outlier and its threshold is +inf. Per prompt type, because caption
