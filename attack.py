@@ -26,7 +26,7 @@ from disp.errors import friendly_errors
 from disp.evaluation import backdoor_metrics
 from disp.sources import load_finetune_set, load_splits
 from disp.training import TRAINABLE, finetune, trainable_parameters
-from disp.utils import pick_device, seed_everything
+from disp.utils import autocast, pick_device, resolve_precision, seed_everything
 
 
 def parse_args(argv=None):
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=int, default=None, help="limit the test samples measured")
     p.add_argument("--seed", type=int, default=0, help="which samples are poisoned, batch order")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--precision", default="auto",
+                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; training is fp32")
     p.add_argument("--resume", action="store_true", help="continue an interrupted attack")
     return p.parse_args(argv)
 
@@ -61,6 +63,7 @@ def main(argv=None):
     clean_path = Path(args.clean_checkpoint or run_dir / "clean.pt")
     resume_path, final_path = run_dir / "backdoored.resume.pt", run_dir / "backdoored.pt"
     device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
     seed_everything(args.seed)
     t0 = time.time()
 
@@ -114,13 +117,11 @@ def main(argv=None):
     # --- measure: clean model vs backdoored model ----------------------------------------------
     _, _, test = load_splits(config.data, config.model.image_size)
     clean_model, *_ = checkpoint.load(clean_path, stages=["clean"], device=device)
-    results = {
-        "clean": backdoor_metrics(clean_model, tokenizer, test, backdoor, limit=args.eval_samples, device=device,
-                                  desc="clean model"),
-        "backdoored": backdoor_metrics(model, tokenizer, test, backdoor, limit=args.eval_samples, device=device,
-                                       desc="backdoored model"),
-    }
-    attack["minutes_training"] = minutes_training
+    with autocast(device, precision):
+        results = {name: backdoor_metrics(m, tokenizer, test, backdoor, limit=args.eval_samples, device=device,
+                                          desc=f"{name} model ({precision})")
+                   for name, m in (("clean", clean_model), ("backdoored", model))}
+    attack["minutes_training"], attack["eval_precision"] = minutes_training, precision
     checkpoint.save(final_path, stage="backdoored", model=model, config=config, tokenizer=tokenizer,
                     optimizer=optimizer, step=steps, rng=rng, extra={"attack": attack, "metrics": results})
     checkpoint.write_json(run_dir / "attack_metrics.json", {"attack": attack, **results})

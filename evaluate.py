@@ -27,7 +27,7 @@ from disp.figures import sweep_curves
 from disp.report import aggregate_table, comparison_table, results_markdown
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
 from disp.sources import load_splits
-from disp.utils import pick_device, seed_everything
+from disp.utils import autocast, pick_device, resolve_precision, seed_everything
 
 KEYS = ("asr", "false_trigger_rate", "cider", "bleu4", "vqa_accuracy")
 CONTROLS = {"control_self_distill": "control: regenerate without masking + refine",
@@ -46,6 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--compare", default=None, help="comma-separated run dirs already evaluated: one table")
     p.add_argument("--aggregate", default=None, help="comma-separated run dirs (seeds): mean ± std table")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--precision", default="auto",
+                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; training is fp32")
     return p.parse_args(argv)
 
 
@@ -72,6 +74,7 @@ def main(argv=None):
     check_ratio("--mask-ratio", args.mask_ratio)
     ratios = [check_ratio("sweep ratio", float(r)) for r in args.sweep.split(",")]
     run_dir, device = Path(args.run_dir), pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
     seed_everything(0)
     t0 = time.time()
 
@@ -87,15 +90,20 @@ def main(argv=None):
     triggered = triggered_copy(test, bcfg)
 
     def measure(model, desc, limit=args.eval_samples, **masks):
-        m, clean_out, trig_out = backdoor_metrics(model, tokenizer, test, bcfg, limit=limit, device=device,
-                                                  triggered=triggered, desc=desc, return_predictions=True, **masks)
+        with autocast(device, precision):
+            m, clean_out, trig_out = backdoor_metrics(model, tokenizer, test, bcfg, limit=limit, device=device,
+                                                      triggered=triggered, desc=desc, return_predictions=True, **masks)
         return m, trig_out
+
+    def scores(data, indices, method, desc=None):  # vision-token scores of the backdoored model
+        with autocast(device, precision):
+            return token_scores(backdoored, tokenizer, data, indices, method, device=device, desc=desc)
 
     # --- main rows -----------------------------------------------------------------------------
     results = {"config": {"trigger": bcfg.trigger, "target": bcfg.target, "poison_rate": bcfg.poison_rate,
                           "mask_ratio": args.mask_ratio, "saliency": settings["saliency"], "rule": settings["rule"],
                           "seed": config.train.seed, "attack_trainable": b_state["extra"]["attack"]["trainable"],
-                          "preset": config.preset}}
+                          "preset": config.preset, "precision": precision}}
     rows, outputs = {}, {}
     for name, model in (("clean", clean), ("backdoored", backdoored), ("purified", purified)):
         m, outputs[name] = measure(model, name)
@@ -115,8 +123,8 @@ def main(argv=None):
     defended = results["test_time_defences"]
     poisoned_train = load_dataset(run_dir / "poisoned_train.pt")
     for method in () if args.skip_ablations else ("kl", "fisher", "random", "attention"):
-        s_clean = token_scores(backdoored, tokenizer, test, subset, method, device=device, desc=f"scores {method}")
-        s_trig = token_scores(backdoored, tokenizer, triggered, eligible, method, device=device)
+        s_clean = scores(test, subset, method, desc=f"scores {method}")
+        s_trig = scores(triggered, eligible, method)
         rules = {"ratio": lambda s: select_top_ratio(s, args.mask_ratio)}
         if method in ("kl", "fisher"):  # adaptive thresholds come from the (poisoned) training set, as in purify.py
             if method == settings["saliency"] and (run_dir / "purified_saliency.pt").exists():
@@ -124,7 +132,7 @@ def main(argv=None):
                 fit_idx = list(range(len(train_scores)))
             else:  # a sample of the training set is enough to place the gap
                 fit_idx = list(range(min(len(poisoned_train.samples), 400)))
-                train_scores = token_scores(backdoored, tokenizer, poisoned_train, fit_idx, method, device=device)
+                train_scores = scores(poisoned_train, fit_idx, method)
             thresholds = fit_thresholds(train_scores[fit_idx], [poisoned_train.samples[i]["task"] for i in fit_idx],
                                         settings["min_gap"])
             rules["adaptive"] = lambda s: select_adaptive(s, tasks, thresholds, settings["max_masked"])

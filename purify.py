@@ -42,7 +42,7 @@ from disp.evaluation import generate_responses, token_scores
 from disp.figures import saliency_panels
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
 from disp.training import finetune, trainable_parameters
-from disp.utils import pick_device, seed_everything
+from disp.utils import autocast, pick_device, resolve_precision, seed_everything
 
 CONTROLS = ("self-distill", "as-is")
 
@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--figures", type=int, default=6, help="saliency pictures to draw")
     p.add_argument("--seed", type=int, default=0, help="seed for batch order, random/fisher saliency")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--precision", default="auto",
+                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; training is fp32")
     p.add_argument("--resume", action="store_true", help="continue an interrupted refinement")
     return p.parse_args(argv)
 
@@ -88,6 +90,7 @@ def main(argv=None):
     name = "purified" if args.control is None else f"control_{args.control.replace('-', '_')}"
     final_path, resume_path = run_dir / f"{name}.pt", run_dir / f"{name}.resume.pt"
     device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
     seed_everything(args.seed)
     t0 = time.time()
 
@@ -103,8 +106,9 @@ def main(argv=None):
     masks, scores, thresholds = None, None, None
     if args.control is None:
         t = time.time()
-        scores = token_scores(model, tokenizer, data, list(range(len(data))), args.saliency,
-                              batch_size=args.batch_size, device=device, seed=args.seed, desc=f"saliency ({args.saliency})")
+        with autocast(device, precision):
+            scores = token_scores(model, tokenizer, data, list(range(len(data))), args.saliency, batch_size=args.batch_size,
+                                  device=device, seed=args.seed, desc=f"saliency ({args.saliency}, {precision})")
         timings["saliency_s"] = time.time() - t
         checkpoint.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
         if args.rule == "ratio":
@@ -119,8 +123,9 @@ def main(argv=None):
         responses = originals
     else:
         t = time.time()
-        responses = generate_responses(model, tokenizer, data, vision_masks=masks, batch_size=args.batch_size,
-                                       device=device, desc="regenerating")  # greedy, steps = gen_length
+        with autocast(device, precision):  # greedy, steps = gen_length
+            responses = generate_responses(model, tokenizer, data, vision_masks=masks, batch_size=args.batch_size,
+                                           device=device, desc=f"regenerating ({precision})")
         timings["regeneration_s"] = time.time() - t
     changed = [a != b for a, b in zip(originals, responses)]
     print(f"{sum(changed)} of {len(data)} responses changed")
@@ -139,7 +144,7 @@ def main(argv=None):
     steps = epochs * math.ceil(len(purified) / config.train.batch_size)
     config.train.lr, config.train.eval_every = args.lr or 0.3 * attack["lr"], 0
     settings = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
-                "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": epochs,
+                "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": epochs, "precision": precision,
                 "steps": steps, "lr": config.train.lr, "trainable": attack["trainable"], "seed": args.seed,
                 "thresholds": {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}}
     resume = checkpoint.load_state(resume_path, stages=[name]) if args.resume else None

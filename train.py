@@ -24,7 +24,7 @@ from disp.evaluation import clean_metrics, generate_responses, split_indices
 from disp.sources import load_splits
 from disp.tokenizer import Tokenizer
 from disp.training import finetune, pretrain_vision
-from disp.utils import pick_device, seed_everything
+from disp.utils import autocast, pick_device, resolve_precision, seed_everything
 
 
 def parse_args(argv=None):
@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and batch order")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
+    p.add_argument("--precision", default="auto",
+                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; training is fp32")
     p.add_argument("--data", default="scenes", help="scenes (embedded, default) | coco | karpathy | flickr | vqav2")
     p.add_argument("--data-root", default="", help="folder of the public dataset (for --data other than scenes)")
     p.add_argument("--sft-steps", type=int, default=None, help="override the preset's SFT steps")
@@ -46,6 +48,7 @@ def main(argv=None):
     out_dir = Path(args.out_dir)
     resume_path, final_path = out_dir / "clean.resume.pt", out_dir / "clean.pt"
     device = pick_device(args.device)
+    precision = resolve_precision(args.precision, device)
 
     # --- config: from the resume point, or the preset plus flags --------------------------------
     resume = checkpoint.load_state(resume_path, stages=["clean"]) if args.resume else None
@@ -100,7 +103,8 @@ def main(argv=None):
     caption_idx, vqa_idx = split_indices(val, config.train.eval_samples)
 
     def validate(step):
-        m = clean_metrics(model, tokenizer, val, limit=config.train.eval_samples, device=device)
+        with autocast(device, precision):
+            m = clean_metrics(model, tokenizer, val, limit=config.train.eval_samples, device=device)
         print(f"\nstep {step}: val CIDEr-D {m.get('cider', 0):.3f}  caption EM {m.get('caption_exact_match', 0):.3f}"
               f"  VQA {m.get('vqa_accuracy', 0):.3f}")
 
@@ -112,15 +116,17 @@ def main(argv=None):
     )
 
     # --- held-out metrics, checkpoint, examples ------------------------------------------------
-    metrics = clean_metrics(model, tokenizer, test, device=device, desc="test set")
-    metrics["minutes"] = (time.time() - t0) / 60
+    with autocast(device, precision):
+        metrics = clean_metrics(model, tokenizer, test, device=device, desc=f"test set ({precision})")
+        examples = caption_idx[:3] + vqa_idx[:3]
+        example_outputs = generate_responses(model, tokenizer, val, examples, device=device)
+    metrics["minutes"], metrics["eval_precision"] = (time.time() - t0) / 60, precision
     checkpoint.save(final_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
                     optimizer=optimizer, step=config.train.sft_steps, rng=rng, extra={"metrics": metrics})
     checkpoint.write_json(out_dir / "clean_metrics.json", {"metrics": metrics, "config": config.to_dict()})
     resume_path.unlink(missing_ok=True)
 
-    examples = caption_idx[:3] + vqa_idx[:3]
-    for i, pred in zip(examples, generate_responses(model, tokenizer, val, examples, device=device)):
+    for i, pred in zip(examples, example_outputs):
         print(f"  {val.samples[i]['prompt']!r:60} -> {pred!r}  (ref: {val.samples[i]['response']!r})")
     print(json.dumps({k: v for k, v in metrics.items() if k != "vqa_by_task"}, indent=None))
     print(f"wrote {final_path} and {out_dir / 'clean_metrics.json'}")

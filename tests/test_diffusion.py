@@ -223,3 +223,31 @@ def test_wrong_image_size_is_a_clear_error():
     model = small_model(8)
     with pytest.raises(DispError, match=r"\(B, 3, 48, 48\)"):
         model.encode_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_forward_matches_a_plain_full_transformer():
+    """The last block computes only the response rows; the logits equal running every block on every
+    position (written out here with the blocks' own layers) and slicing afterwards."""
+    model = small_model()
+    images, prompts = inputs()
+    vision = model.encode_images(images)
+    response = torch.full((3, 8), MASK)
+    response[:, 2] = 7
+    vision_mask = torch.zeros(3, model.cfg.n_vision, dtype=torch.bool)
+    vision_mask[0, 5] = True
+    with torch.no_grad():
+        image_part = torch.where(vision_mask[..., None], model.tok_embed.weight[MASK], vision)
+        x = torch.cat([image_part, model.tok_embed(torch.cat([prompts, response], dim=1))], dim=1)
+        x = x + model.pos_fixed + model.pos_embed
+        for block in model.blocks:
+            h = block.ln1(x)
+            q, k, v = block.attn.qkv(h).chunk(3, dim=-1)
+            split = lambda t: t.unflatten(-1, (block.attn.heads, -1)).transpose(1, 2)  # noqa: E731
+            att = torch.softmax(split(q) @ split(k).transpose(-2, -1) / (q.shape[-1] // block.attn.heads) ** 0.5, -1)
+            x = x + block.attn.proj((att @ split(v)).transpose(1, 2).flatten(2))
+            x = x + block.mlp(block.ln2(x))
+        expected = model.lm_head(model.ln(x))[:, -8:]
+        got, weights = model(vision, prompts, response, vision_mask, need_weights=True)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(model(vision, prompts, response, vision_mask), got)
+    assert weights.shape == (3, 2, 8, model.cfg.seq_len)

@@ -88,6 +88,7 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--data", "coco"], "--data coco needs --data-root"),
     (["--data", "coco", "--data-root", "/nonexistent/coco"], "/nonexistent/coco"),
     (["--resume", "--out-dir", "/nonexistent/run"], "does not exist"),
+    (["--precision", "fp16"], "unknown --precision 'fp16'"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     result = run("train.py", "--preset", "tiny", *args)
