@@ -35,8 +35,12 @@ def first_step_logits(model, vision_tokens, prompt_ids, vision_mask=None):
 
 
 @torch.no_grad()
-def saliency_kl(model, vision_tokens, prompt_ids, chunk: int = 2048):
-    """(B, n_vision) exact occlusion KL. Each sample is copied n_vision times, copy i with token i masked."""
+def saliency_kl(model, vision_tokens, prompt_ids, chunk: int = 128):
+    """(B, n_vision) exact occlusion KL. Each sample is copied n_vision times, copy i with token i masked.
+
+    Chunks of 128 sequences keep the activations in cache: on our 2-core CPU, 2,048-sequence chunks
+    were 1.8x (fp32) to 2x (bf16) slower per sample.
+    """
     B, N, _ = vision_tokens.shape
     log_p = F.log_softmax(first_step_logits(model, vision_tokens, prompt_ids).float(), dim=-1)  # (B, L, V)
     eye = torch.eye(N, dtype=torch.bool, device=vision_tokens.device)
