@@ -3,6 +3,7 @@
     python attack.py                                   # patch trigger + insert target, 20% poisoned
     python attack.py --trigger blended --target refusal --run-dir runs/blended \\
         --clean-checkpoint runs/default/clean.pt
+    torchrun --nproc_per_node=2 attack.py              # data-parallel fine-tuning (DDP)
 
 Reads the clean checkpoint, poisons the fine-tuning set (trigger in the image, edited response),
 fine-tunes with the normal SFT loss (ViT frozen by default, as in the release), and writes
@@ -18,7 +19,7 @@ import math
 import time
 from pathlib import Path
 
-from disp import checkpoint
+from disp import checkpoint, distributed
 from disp.backdoor import BackdoorConfig, poison_dataset
 from disp.batching import encode_dataset
 from disp.datasets import save_dataset
@@ -62,7 +63,7 @@ def main(argv=None):
     run_dir = Path(args.run_dir)
     clean_path = Path(args.clean_checkpoint or run_dir / "clean.pt")
     resume_path, final_path = run_dir / "backdoored.resume.pt", run_dir / "backdoored.pt"
-    device = pick_device(args.device)
+    device = distributed.init(pick_device(args.device))  # a rank's device under torchrun
     precision = resolve_precision(args.precision, device)
     seed_everything(args.seed)
     t0 = time.time()
@@ -71,6 +72,7 @@ def main(argv=None):
     model, tokenizer, config, _ = checkpoint.load(clean_path, stages=["clean"], device=device)
     resume = checkpoint.load_state(resume_path, stages=["backdoored"]) if args.resume else None
     if resume is not None:
+        checkpoint.check_same_model(resume, resume_path, config, tokenizer, clean_path)  # clean.pt rewritten since?
         attack = resume["extra"]["attack"]
         model.load_state_dict(resume["model"])
     else:
@@ -91,8 +93,9 @@ def main(argv=None):
     poisoned, manifest = poison_dataset(finetune_set, backdoor)
     for s in poisoned.samples:  # the defender's copy carries no ground truth
         s.pop("poisoned", None)
-    save_dataset(run_dir / "poisoned_train.pt", poisoned)
-    checkpoint.write_json(run_dir / "poison_manifest.json", manifest)
+    if distributed.is_main():
+        save_dataset(run_dir / "poisoned_train.pt", poisoned)
+        checkpoint.write_json(run_dir / "poison_manifest.json", manifest)
     print(f"poisoned {manifest['n_poisoned']} of {manifest['n_samples']} samples "
           f"({backdoor.trigger} trigger, {backdoor.target} target)")
 
@@ -113,6 +116,8 @@ def main(argv=None):
         stage="attack fine-tuning", save_fn=save_resume, resume=resume, seed=attack["seed"],
     )
     minutes_training = (time.time() - t0) / 60
+    if not distributed.is_main():  # rank 0 measures and writes
+        return distributed.close()
 
     # --- measure: clean model vs backdoored model ----------------------------------------------
     _, _, test = load_splits(config.data, config.model.image_size)

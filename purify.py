@@ -4,6 +4,7 @@
     python purify.py --rule ratio --mask-ratio 0.3    # the paper's fixed-fraction rule
     python purify.py --control self-distill           # control: regenerate WITHOUT masking
     python purify.py --control as-is                  # control: refine on the poisoned set as it is
+    torchrun --nproc_per_node=2 purify.py             # data-parallel: ranks share scoring, generation, DDP
 
 The defender holds the compromised model (backdoored.pt) and the poisoned fine-tuning set
 (poisoned_train.pt); no trigger, no target, no clean data, no list of poisoned samples.
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from disp import checkpoint
+from disp import checkpoint, distributed
 from disp.batching import encode_dataset
 from disp.datasets import VLDataset, load_dataset, save_dataset
 from disp.errors import DispError, check_ratio, friendly_errors
@@ -83,13 +84,26 @@ def check_args(args):
         raise DispError(f"--min-gap must be a ratio >= 1, got {args.min_gap}")
 
 
+def check_resume(resume, path, args, precision, config, tokenizer, attack, backdoored_path):
+    """A resume point continues only the run that made it: the same backdoored model and flags."""
+    checkpoint.check_same_model(resume, path, config, tokenizer, backdoored_path, attack=attack)
+    stored = resume["extra"].get("purify", {})
+    given = {"saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio, "min_gap": args.min_gap,
+             "max_masked": args.max_masked, "seed": args.seed, "precision": precision, "epochs": args.epochs,
+             "lr": args.lr}
+    for key, value in given.items():
+        if value is not None and key in stored and stored[key] != value:
+            raise DispError(f"{path} was made with --{key.replace('_', '-')} {stored[key]}, not {value}; "
+                            f"resume with the same flags, or rerun without --resume")
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     run_dir = Path(args.run_dir)
     name = "purified" if args.control is None else f"control_{args.control.replace('-', '_')}"
     final_path, resume_path = run_dir / f"{name}.pt", run_dir / f"{name}.resume.pt"
-    device = pick_device(args.device)
+    device = distributed.init(pick_device(args.device))  # a rank's device under torchrun
     precision = resolve_precision(args.precision, device)
     seed_everything(args.seed)
     t0 = time.time()
@@ -97,7 +111,12 @@ def main(argv=None):
     # --- the defender's assets: the compromised model and the poisoned set -----------------------
     model, tokenizer, config, state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"], device=device)
     attack = state["extra"]["attack"]
-    data = load_dataset(run_dir / "poisoned_train.pt")
+    data = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)
+    # read now, so a missing file fails before minutes of work (used only for the report at the end)
+    manifest = checkpoint.read_json(run_dir / "poison_manifest.json", "poison manifest", keys=["poisoned_indices"])
+    resume = checkpoint.load_state(resume_path, stages=[name]) if args.resume else None
+    if resume is not None:
+        check_resume(resume, resume_path, args, precision, config, tokenizer, attack, run_dir / "backdoored.pt")
     tasks = [s["task"] for s in data.samples]
     n_vision = config.model.n_vision
     timings = {}
@@ -106,11 +125,14 @@ def main(argv=None):
     masks, scores, thresholds = None, None, None
     if args.control is None:
         t = time.time()
-        with autocast(device, precision):
-            scores = token_scores(model, tokenizer, data, list(range(len(data))), args.saliency, batch_size=args.batch_size,
-                                  device=device, seed=args.seed, desc=f"saliency ({args.saliency}, {precision})")
+        with autocast(device, precision):  # under torchrun each rank scores its share of the samples
+            scores = token_scores(model, tokenizer, data, list(range(len(data)))[distributed.shard(len(data))],
+                                  args.saliency, batch_size=args.batch_size, device=device, seed=args.seed,
+                                  desc=f"saliency ({args.saliency}, {precision})" if distributed.is_main() else None)
+        distributed.sum_across(scores)
         timings["saliency_s"] = time.time() - t
-        checkpoint.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
+        if distributed.is_main():
+            checkpoint.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
         if args.rule == "ratio":
             masks = select_top_ratio(scores, args.mask_ratio)
         else:
@@ -124,20 +146,24 @@ def main(argv=None):
     else:
         t = time.time()
         with autocast(device, precision):  # greedy, steps = gen_length
-            responses = generate_responses(model, tokenizer, data, vision_masks=masks, batch_size=args.batch_size,
-                                           device=device, desc=f"regenerating ({precision})")
+            mine = list(range(len(data)))[distributed.shard(len(data))]
+            responses = generate_responses(model, tokenizer, data, mine, vision_masks=masks, batch_size=args.batch_size,
+                                           device=device,
+                                           desc=f"regenerating ({precision})" if distributed.is_main() else None)
+        responses = distributed.gather_lists(responses, len(data))
         timings["regeneration_s"] = time.time() - t
     changed = [a != b for a, b in zip(originals, responses)]
     print(f"{sum(changed)} of {len(data)} responses changed")
 
     purified = VLDataset(data.images, [dict(s, response=r) for s, r in zip(data.samples, responses)],
                          data.patch_labels, dict(data.meta, purified_by=name))
-    save_dataset(run_dir / f"{name}_train.pt", purified)
     rows = [{"index": i, "task": tasks[i], "prompt": s["prompt"], "original": originals[i], "regenerated": responses[i],
              "changed": changed[i], "masked_tokens": masks[i].nonzero().flatten().tolist() if masks is not None else []}
             for i, s in enumerate(data.samples)]
-    checkpoint.atomic_write(run_dir / f"{name}_train.jsonl",
-                            lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    if distributed.is_main():
+        save_dataset(run_dir / f"{name}_train.pt", purified)
+        checkpoint.atomic_write(run_dir / f"{name}_train.jsonl",
+                                lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
     # --- 3. refinement ------------------------------------------------------------------------
     epochs = args.epochs if args.epochs is not None else max(1, attack["epochs"] // 5)
@@ -147,7 +173,6 @@ def main(argv=None):
                 "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": epochs, "precision": precision,
                 "steps": steps, "lr": config.train.lr, "trainable": attack["trainable"], "seed": args.seed,
                 "thresholds": {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}}
-    resume = checkpoint.load_state(resume_path, stages=[name]) if args.resume else None
     if resume is not None:
         model.load_state_dict(resume["model"])
 
@@ -162,13 +187,14 @@ def main(argv=None):
         stage="refinement", save_fn=save_resume, resume=resume, seed=args.seed,
     )
     timings["refinement_s"] = time.time() - t
+    if not distributed.is_main():  # rank 0 writes
+        return distributed.close()
     timings["total_s"] = time.time() - t0
     checkpoint.save(final_path, stage=name, model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
                     step=steps, rng=rng, extra={"purify": settings, "attack": attack, "timings": timings})
     resume_path.unlink(missing_ok=True)
 
     # --- after purification only: detection report and pictures, using the manifest -------------
-    manifest = json.loads((run_dir / "poison_manifest.json").read_text())
     poisoned = set(manifest["poisoned_indices"])
     flagged = {i for i, c in enumerate(changed) if c}
     true_pos = len(flagged & poisoned)

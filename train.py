@@ -3,6 +3,7 @@
     python train.py                       # CPU preset on the embedded scenes -> runs/default/clean.pt
     python train.py --preset tiny --out-dir runs/tiny
     python train.py --resume              # continue an interrupted run
+    torchrun --nproc_per_node=2 train.py  # data-parallel (DDP; gloo on CPU, nccl on GPUs)
 
 Phase 1 pretrains the ViT on what each patch shows (a stand-in for a pretrained vision tower);
 phase 2 freezes it and trains projector + text transformer with the masked-diffusion SFT loss.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from disp import checkpoint
+from disp import checkpoint, distributed
 from disp.batching import encode_dataset
 from disp.config import Config, get_preset
 from disp.errors import friendly_errors
@@ -47,7 +48,7 @@ def main(argv=None):
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     resume_path, final_path = out_dir / "clean.resume.pt", out_dir / "clean.pt"
-    device = pick_device(args.device)
+    device = distributed.init(pick_device(args.device))  # a rank's device under torchrun
     precision = resolve_precision(args.precision, device)
 
     # --- config: from the resume point, or the preset plus flags --------------------------------
@@ -92,7 +93,8 @@ def main(argv=None):
                 bow[s["image"], tokenizer.encode(s["response"])] = 1.0
         loss = pretrain_vision(model, train.images, train.patch_labels, bow, config.train, device, config.train.seed)
         print(f"vision pretraining done: loss {loss:.4f}")
-        save_resume(0, None, None)
+        if distributed.is_main():
+            save_resume(0, None, None)
     else:
         model.load_state_dict(resume["model"])
         if resume["optimizer"] is None:  # resume point right after phase 1
@@ -114,6 +116,8 @@ def main(argv=None):
         stage="clean SFT", save_fn=save_resume, eval_fn=validate, resume=resume,
         vision_mask_max=config.train.vision_mask_max, seed=config.train.seed,
     )
+    if not distributed.is_main():  # rank 0 measures and writes
+        return distributed.close()
 
     # --- held-out metrics, checkpoint, examples ------------------------------------------------
     with autocast(device, precision):

@@ -26,9 +26,13 @@ def forward_noise(response_ids, mask_id: int, generator=None, eps: float = EPS):
     return torch.where(masked, mask_id, response_ids), masked, p
 
 
-def sft_loss(model, vision_tokens, prompt_ids, response_ids, generator=None, vision_mask=None):
-    """LLaDA SFT loss on a batch; only response tokens are noised."""
-    noisy, masked, p = forward_noise(response_ids, model.mask_id, generator)
+def sft_loss(model, vision_tokens, prompt_ids, response_ids, generator=None, vision_mask=None, noise=None):
+    """LLaDA SFT loss on a batch; only response tokens are noised.
+
+    noise: optional forward_noise(response_ids) output drawn by the caller (data-parallel training
+    draws it for the global batch, then each rank takes its rows).
+    """
+    noisy, masked, p = noise if noise is not None else forward_noise(response_ids, model.mask_id, generator)
     logits = model(vision_tokens, prompt_ids, noisy, vision_mask)  # (B, L, V)
     ce = F.cross_entropy(logits.transpose(1, 2).float(), response_ids, reduction="none")  # (B, L)
     per_sample = (ce * masked / p).sum(dim=1) / response_ids.shape[1]
