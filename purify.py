@@ -19,8 +19,8 @@ image, and the refinement then learns wrong clean answers. The default `--rule a
 token only when its saliency is an outlier for its prompt type (the defender knows each prompt):
 the samples' top token scores are split at their widest gap on a log scale, if that gap spans at
 least `--min-gap` (a ratio; see disp.saliency.fit_thresholds). A trigger token's occlusion KL sits
-orders of magnitude above any clean token's, so poisoned samples lose their trigger while clean
-samples are regenerated unmasked (and so keep their answers).
+well above any clean token's (>= 4.8x, up to 1000x, by prompt type in the seed-0 run), so poisoned
+samples lose their trigger while clean samples are regenerated unmasked (and keep their answers).
 
 Writes purified.pt, purified_train.pt + purified_train.jsonl (original vs regenerated response and
 the masked tokens of every sample, for a person to read), purify_report.json, and saliency PNGs.
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--saliency", default="kl", help="kl (exact occlusion, default) | fisher (Hutchinson) | random")
     p.add_argument("--rule", default="adaptive", help="adaptive (default) | ratio (the paper's fixed fraction)")
     p.add_argument("--mask-ratio", type=float, default=0.3, help="--rule ratio: fraction of vision tokens masked")
-    p.add_argument("--min-gap", type=float, default=10.0,
+    p.add_argument("--min-gap", type=float, default=4.0,
                    help="--rule adaptive: smallest ratio between outlier and normal top scores")
     p.add_argument("--max-masked", type=int, default=2, help="--rule adaptive: at most this many tokens per sample")
     p.add_argument("--control", default=None, help=f"run a control instead of DiSP: {' | '.join(CONTROLS)}")
