@@ -1,0 +1,234 @@
+"""Training MFU: model FLOP/s of the SFT training step divided by the machine's measured matmul peak.
+
+    flock /tmp/torch.lock python bench/mfu.py                      # cpu preset, fp32 and bf16 side by side
+    flock /tmp/torch.lock python bench/mfu.py --precision fp32 --steps 30
+
+The step is what disp.training.finetune does per step at the preset's batch size: projector on
+cached ViT features (the ViT is frozen in the SFT stages, so finetune computes its features once),
+a random vision mask (train.py's vision_mask_max), disp.diffusion.sft_loss on a batch of the real
+encoded training split (BatchOrder), backward, clip_grad_norm_(1.0), AdamW.step, on the text
+parameters (train.py's clean SFT). Only the weights are fresh (nothing here needs a trained model).
+
+FLOPs: torch.utils.flop_counter.FlopCounterMode over one forward + backward (attention included: the
+CPU flash-attention ops are not in torch's table, this script registers torch's own SDPA formulas
+for them), next to an analytic count. The peak is the best of several 2048^3 GEMMs in fp32 and in
+bf16, measured in the same run. bf16 = torch.autocast(bfloat16) around the forward (fp32 weights
+and optimizer), an option only: the project trains in fp32.
+"""
+
+import argparse
+import inspect
+import time
+
+from _common import (DispError, autocast, command_line, gemm_peak, machine, machine_line, pick_device, precisions,
+                     save_results, sync, table)
+
+import torch  # noqa: E402  (after _common, which puts the repository on sys.path)
+from torch.utils import flop_counter  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from disp import checkpoint  # noqa: E402
+from disp.batching import BatchOrder, encode_dataset  # noqa: E402
+from disp.config import get_preset  # noqa: E402
+from disp.diffusion import sft_loss  # noqa: E402
+from disp.errors import friendly_errors  # noqa: E402
+from disp.model import Block  # noqa: E402
+from disp.sources import load_splits  # noqa: E402
+from disp.tokenizer import Tokenizer  # noqa: E402
+from disp.training import check_finite, lr_at, random_vision_mask  # noqa: E402
+
+aten = torch.ops.aten
+# torch's table covers the CUDA attention kernels; SDPA on CPU runs these two ops instead.
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", help="model/batch preset (default: cpu, the default pipeline's)")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per precision")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--precision", default="both", help="fp32 | bf16 | both (default: both, side by side)")
+    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON path (default: bench/results/mfu.json)")
+    return p.parse_args(argv)
+
+
+def analytic_flops(cfg, batch: int, queries_only_last_block: bool) -> dict:
+    """Matmul FLOPs of one forward + backward of projector + text model (backward = 2x forward,
+    except the projector's first layer, whose input (cached ViT features) needs no gradient)."""
+    B, T, L, N = batch, cfg.seq_len, cfg.response_len, cfg.n_vision
+    D, Dv, m, V = cfg.dim, cfg.vit_dim, cfg.mlp_ratio, cfg.vocab_size
+    proj_first, proj_second = 2 * B * N * Dv * D, 2 * B * N * D * D
+    block_linear = 2 * B * T * D * D * (3 + 1 + 2 * m)
+    block_attn = 4 * B * T * T * D  # QK^T and AV
+    blocks_linear, blocks_attn = block_linear * cfg.depth, block_attn * cfg.depth
+    if queries_only_last_block:  # last block: K, V at all positions; Q, out-proj, MLP, attention rows at L
+        blocks_linear += -block_linear + 2 * B * T * D * 2 * D + 2 * B * L * D * D * (1 + 1 + 2 * m)
+        blocks_attn += -block_attn + 4 * B * L * T * D
+    head = 2 * B * L * D * V
+    forward = proj_first + proj_second + blocks_linear + blocks_attn + head
+    total = 3 * forward - proj_first
+    return {"forward": forward, "forward_backward": total, "attention_forward_backward": 3 * blocks_attn}
+
+
+def count_flops(step_fn) -> dict:
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+        step_fn()
+    by_op = {str(op).replace("aten.", ""): n for op, n in counter.get_flop_counts()["Global"].items()}
+    return {"total": counter.get_total_flops(), "by_op": by_op}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        raise DispError("--steps must be >= 1 and --warmup >= 0")
+    device = pick_device(args.device)
+    which = precisions(args.precision)
+    info = machine()
+    print(f"machine: {machine_line(info)}")
+
+    # --- peaks, measured first, in the same process -------------------------------------------------
+    peaks = {"fp32": gemm_peak(torch.float32, device), "bf16": gemm_peak(torch.bfloat16, device)}
+    print(f"GEMM peak (best of 6 x 2048^3): fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+
+    # --- data and model exactly as train.py builds them ----------------------------------------------
+    t0 = time.time()
+    config = get_preset(args.preset)
+    config.data.seed = config.train.seed = args.seed
+    train, _, _ = load_splits(config.data, config.model.image_size)
+    tokenizer = Tokenizer.build([s["prompt"] + " " + s["response"] for s in train.samples])
+    config.model.patch_classes = train.meta.get("patch_classes") or [len(tokenizer)]
+    torch.manual_seed(args.seed)
+    model = checkpoint.build_model(config, tokenizer).to(device)
+    data = encode_dataset(train, tokenizer, config.model)
+    cfg, tcfg = config.model, config.train
+    params = model.text_parameters()
+    trained = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained)
+    model.eval()
+    t_feat = time.time()
+    with torch.no_grad():  # finetune's one-off cache (frozen ViT), not part of the per-step cost
+        vit_features = torch.cat([model.vit(model.to_float(train.images[i:i + 256].to(device)))
+                                  for i in range(0, len(train.images), 256)])
+    t_feat = time.time() - t_feat
+    n_text = sum(p.numel() for p in params)
+    print(f"preset {args.preset}: batch {tcfg.batch_size}, seq {cfg.seq_len} ({cfg.n_vision} image + {cfg.prompt_len} "
+          f"prompt + {cfg.response_len} response), dim {cfg.dim} x depth {cfg.depth}, vocab {len(tokenizer)}, "
+          f"{n_text / 1e6:.2f}M trained parameters; {len(data)} training samples; setup {time.time() - t0:.1f}s "
+          f"(ViT feature cache {t_feat:.1f}s, once per stage)")
+
+    def make_step(precision, generator, opt, order, total_steps):
+        phases = {"forward": 0.0, "backward": 0.0, "clip+optimizer": 0.0}
+
+        def fwd_bwd(step):
+            model.train()
+            idx = order.indices(step)
+            with autocast(device, precision):
+                vision_tokens = model.projector(vit_features[data.image_index[idx].to(device)])
+                vision_mask = random_vision_mask(len(idx), cfg.n_vision, tcfg.vision_mask_max, generator, device)
+                loss = sft_loss(model, vision_tokens, data.prompt_ids[idx].to(device),
+                                data.response_ids[idx].to(device), generator=generator, vision_mask=vision_mask)
+            sync(device)
+            t1 = time.perf_counter()
+            check_finite(loss, step, "bench")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            sync(device)
+            return loss, t1
+
+        def step_fn(step):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total_steps, tcfg.lr, tcfg.warmup_steps)
+            t = time.perf_counter()
+            _, t1 = fwd_bwd(step)
+            t2 = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sync(device)
+            t3 = time.perf_counter()
+            phases["forward"] += t1 - t
+            phases["backward"] += t2 - t1
+            phases["clip+optimizer"] += t3 - t2
+            return t3 - t
+
+        return step_fn, fwd_bwd, phases
+
+    queries_only = "queries" in inspect.signature(Block.forward).parameters
+    analytic = analytic_flops(cfg, tcfg.batch_size, queries_only)
+    analytic_full = analytic_flops(cfg, tcfg.batch_size, False)
+    results = {"machine": info, "command": command_line(), "preset": args.preset, "batch_size": tcfg.batch_size,
+               "seq_len": cfg.seq_len, "trained_parameters": n_text, "timed_steps": args.steps,
+               "warmup_steps": args.warmup, "peak_flops": peaks, "vit_feature_cache_s": t_feat,
+               "analytic_flops_per_step": analytic["forward_backward"],
+               "analytic_flops_per_step_all_positions": analytic_full["forward_backward"],
+               "model_last_block_response_only": queries_only, "runs": {}}
+    for precision in which:
+        generator = torch.Generator().manual_seed(args.seed)
+        opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        order = BatchOrder(len(data), tcfg.batch_size, args.seed)
+        total = args.warmup + args.steps + 1
+        step_fn, fwd_bwd, phases = make_step(precision, generator, opt, order, total)
+        counted = count_flops(lambda: fwd_bwd(0))  # one forward + backward, no optimizer (no matmuls there)
+        opt.zero_grad(set_to_none=True)
+        for s in range(args.warmup):
+            step_fn(s)
+        for k in phases:
+            phases[k] = 0.0
+        times = [step_fn(args.warmup + s) for s in range(args.steps)]
+        step_s = sum(times) / len(times)
+        achieved = counted["total"] / step_s
+        run = {"step_ms_mean": 1e3 * step_s, "step_ms_median": 1e3 * sorted(times)[len(times) // 2],
+               "step_ms_min": 1e3 * min(times), "phase_ms": {k: 1e3 * v / args.steps for k, v in phases.items()},
+               "counted_flops_per_step": counted["total"], "counted_flops_by_op": counted["by_op"],
+               "achieved_flops": achieved, "achieved_flops_analytic": analytic["forward_backward"] / step_s,
+               "mfu_vs_fp32_peak": achieved / peaks["fp32"], "mfu_vs_bf16_peak": achieved / peaks["bf16"],
+               "samples_per_s": tcfg.batch_size / step_s}
+        results["runs"][precision] = run
+        print(f"  {precision}: {1e3 * step_s:.1f} ms/step over {args.steps} steps")
+
+    # --- report -------------------------------------------------------------------------------------
+    runs = results["runs"]
+    print()
+    print(f"FLOPs per step (forward + backward), batch {tcfg.batch_size}:")
+    for precision, run in runs.items():
+        ops = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(run["counted_flops_by_op"].items()))
+        print(f"  FlopCounterMode ({precision}): {run['counted_flops_per_step'] / 1e9:.2f} GFLOP  ({ops})")
+    note = " (model as written: last block computes response rows only)" if queries_only else ""
+    print(f"  analytic{note}: {analytic['forward_backward'] / 1e9:.2f} GFLOP; "
+          f"all positions in every block: {analytic_full['forward_backward'] / 1e9:.2f} GFLOP; "
+          f"attention {analytic['attention_forward_backward'] / 1e9:.2f} GFLOP of it")
+    print("  (the counter charges attention backward 5 matmuls incl. the recomputed scores; analytic charges 4)")
+    print()
+    rows = []
+    for precision, run in runs.items():
+        ph = run["phase_ms"]
+        rows.append([precision, f"{run['step_ms_mean']:.1f}", f"{ph['forward']:.1f}", f"{ph['backward']:.1f}",
+                     f"{ph['clip+optimizer']:.1f}", f"{run['samples_per_s']:.0f}",
+                     f"{run['achieved_flops'] / 1e9:.1f}",
+                     f"{100 * run['mfu_vs_fp32_peak']:.1f}%", f"{100 * run['mfu_vs_bf16_peak']:.1f}%",
+                     f"{100 * run['achieved_flops_analytic'] / peaks['fp32']:.1f}%"])
+    print(table(["precision", "ms/step", "fwd ms", "bwd ms", "clip+opt ms", "samples/s", "GFLOP/s",
+                 f"MFU vs fp32 peak ({peaks['fp32'] / 1e9:.0f})", f"MFU vs bf16 peak ({peaks['bf16'] / 1e9:.0f})",
+                 "MFU fp32 (analytic FLOPs)"], rows))
+    if "fp32" in runs:
+        mfu = runs["fp32"]["mfu_vs_fp32_peak"]
+        results["bar"] = {"target": ">= 50% MFU of the fp32 peak (fp32 training step)", "mfu": mfu, "met": mfu >= 0.5}
+        print(f"\nbar: fp32 step at >= 50% of the fp32 peak: {100 * mfu:.1f}% -> {'MET' if mfu >= 0.5 else 'NOT MET'}")
+    path = save_results("mfu", results, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main()
