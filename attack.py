@@ -93,9 +93,6 @@ def main(argv=None):
     poisoned, manifest = poison_dataset(finetune_set, backdoor)
     for s in poisoned.samples:  # the defender's copy carries no ground truth
         s.pop("poisoned", None)
-    if distributed.is_main():
-        save_dataset(run_dir / "poisoned_train.pt", poisoned)
-        checkpoint.write_json(run_dir / "poison_manifest.json", manifest)
     print(f"poisoned {manifest['n_poisoned']} of {manifest['n_samples']} samples "
           f"({backdoor.trigger} trigger, {backdoor.target} target)")
 
@@ -127,6 +124,10 @@ def main(argv=None):
                                           desc=f"{name} model ({precision})")
                    for name, m in (("clean", clean_model), ("backdoored", model))}
     attack["minutes_training"], attack["eval_precision"] = minutes_training, precision
+    # written with the model, not before training: a failed or interrupted attack leaves the run's old
+    # backdoored.pt and poisoned set together (a resume poisons the same samples again from the settings)
+    save_dataset(run_dir / "poisoned_train.pt", poisoned)
+    checkpoint.write_json(run_dir / "poison_manifest.json", manifest)
     checkpoint.save(final_path, stage="backdoored", model=model, config=config, tokenizer=tokenizer,
                     optimizer=optimizer, step=steps, rng=rng, extra={"attack": attack, "metrics": results})
     checkpoint.write_json(run_dir / "attack_metrics.json", {"attack": attack, **results})

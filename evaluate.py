@@ -12,7 +12,6 @@ and CleanSight-style attention pruning; and sweeps the mask ratio for kl vs rand
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -63,16 +62,20 @@ def main(argv=None):
         for d in dirs:
             if not (d / "results.json").exists():
                 raise DispError(f"{d / 'results.json'} does not exist; run evaluate.py --run-dir {d} first")
-            loaded[str(d)] = json.loads((d / "results.json").read_text())
+            loaded[str(d)] = checkpoint.read_json(d / "results.json", "results file",
+                                                  keys=["config", "clean", "backdoored", "purified"])
         out = Path(dirs[0]).parent / ("comparison.md" if args.compare else "aggregate.md")
-        table = comparison_table(loaded) if args.compare else aggregate_table(loaded, KEYS)
+        table = comparison_table(loaded) if args.compare else aggregate_table(loaded, KEYS, CONTROLS)
         checkpoint.atomic_write(out, lambda tmp: Path(tmp).write_text(table))
         print(table)
         print(f"wrote {out}")
         return
 
     check_ratio("--mask-ratio", args.mask_ratio)
-    ratios = [check_ratio("sweep ratio", float(r)) for r in args.sweep.split(",")]
+    try:
+        ratios = [check_ratio("sweep ratio", float(r)) for r in args.sweep.split(",")]
+    except ValueError:
+        raise DispError(f"--sweep must be comma-separated numbers in [0, 1], got {args.sweep!r}") from None
     run_dir, device = Path(args.run_dir), pick_device(args.device)
     precision = resolve_precision(args.precision, device)
     seed_everything(0)
@@ -81,9 +84,24 @@ def main(argv=None):
     # --- models and data -----------------------------------------------------------------------
     backdoored, tokenizer, config, b_state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"],
                                                              device=device)
+    attack = b_state["extra"]["attack"]
+
+    def load_of_this_run(path, stage, made_by=None):  # refuses a checkpoint of another run (one-line error)
+        model, _, _, state = checkpoint.load(path, stages=[stage], device=device)
+        checkpoint.check_same_model(state, path, config, tokenizer, run_dir / "backdoored.pt", attack=made_by)
+        return model, state
+
     # the clean model the attack started from (attack variants share runs/default/clean.pt)
-    clean, *_ = checkpoint.load(b_state["extra"]["attack"]["clean_checkpoint"], stages=["clean"], device=device)
-    purified, _, _, p_state = checkpoint.load(run_dir / "purified.pt", stages=["purified"], device=device)
+    clean, _ = load_of_this_run(attack["clean_checkpoint"], "clean")
+    purified, p_state = load_of_this_run(run_dir / "purified.pt", "purified", attack)
+    controls = {name: load_of_this_run(run_dir / f"{name}.pt", name, attack)[0]
+                for name in CONTROLS if (run_dir / f"{name}.pt").exists()}
+    poisoned_train = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)
+    purify_scores = None  # purify.py's saliency scores of the training set, read now so a bad file fails early
+    if (run_dir / "purified_saliency.pt").exists():
+        purify_scores = checkpoint.load_plain(run_dir / "purified_saliency.pt", "saliency scores")
+        if not isinstance(purify_scores, torch.Tensor) or len(purify_scores) != len(poisoned_train.samples):
+            raise DispError(f"{run_dir / 'purified_saliency.pt'} does not fit poisoned_train.pt; rerun purify.py")
     bcfg = BackdoorConfig.from_dict(b_state["extra"]["attack"]["backdoor"])
     settings = p_state["extra"]["purify"]
     _, _, test = load_splits(config.data, config.model.image_size)
@@ -110,9 +128,8 @@ def main(argv=None):
         results[name] = m
         rows[name] = summary(m)
     for name, label in CONTROLS.items():
-        if (run_dir / f"{name}.pt").exists():
-            model, *_ = checkpoint.load(run_dir / f"{name}.pt", stages=[name], device=device)
-            results[name] = measure(model, name)[0]
+        if name in controls:
+            results[name] = measure(controls[name], name)[0]
             rows[label] = summary(results[name])
 
     # --- test-time defences on the backdoored model (no refinement) ------------------------------
@@ -121,14 +138,13 @@ def main(argv=None):
     eligible = [i for i in asr_eligible(test.samples, bcfg) if i < len(subset)]
     tasks = [s["task"] for s in test.samples]
     defended = results["test_time_defences"]
-    poisoned_train = load_dataset(run_dir / "poisoned_train.pt")
     for method in () if args.skip_ablations else ("kl", "fisher", "random", "attention"):
         s_clean = scores(test, subset, method, desc=f"scores {method}")
         s_trig = scores(triggered, eligible, method)
         rules = {"ratio": lambda s: select_top_ratio(s, args.mask_ratio)}
         if method in ("kl", "fisher"):  # adaptive thresholds come from the (poisoned) training set, as in purify.py
-            if method == settings["saliency"] and (run_dir / "purified_saliency.pt").exists():
-                train_scores = torch.load(run_dir / "purified_saliency.pt", weights_only=True)  # purify's scores
+            if method == settings["saliency"] and purify_scores is not None:
+                train_scores = purify_scores
                 fit_idx = list(range(len(train_scores)))
             else:  # a sample of the training set is enough to place the gap
                 fit_idx = list(range(min(len(poisoned_train.samples), 400)))

@@ -131,8 +131,6 @@ def main(argv=None):
                                   desc=f"saliency ({args.saliency}, {precision})" if distributed.is_main() else None)
         distributed.sum_across(scores)
         timings["saliency_s"] = time.time() - t
-        if distributed.is_main():
-            checkpoint.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
         if args.rule == "ratio":
             masks = select_top_ratio(scores, args.mask_ratio)
         else:
@@ -160,10 +158,6 @@ def main(argv=None):
     rows = [{"index": i, "task": tasks[i], "prompt": s["prompt"], "original": originals[i], "regenerated": responses[i],
              "changed": changed[i], "masked_tokens": masks[i].nonzero().flatten().tolist() if masks is not None else []}
             for i, s in enumerate(data.samples)]
-    if distributed.is_main():
-        save_dataset(run_dir / f"{name}_train.pt", purified)
-        checkpoint.atomic_write(run_dir / f"{name}_train.jsonl",
-                                lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
     # --- 3. refinement ------------------------------------------------------------------------
     epochs = args.epochs if args.epochs is not None else max(1, attack["epochs"] // 5)
@@ -190,6 +184,12 @@ def main(argv=None):
     if not distributed.is_main():  # rank 0 writes
         return distributed.close()
     timings["total_s"] = time.time() - t0
+    # the data files are written with the model, so a failed refinement leaves the old set consistent
+    if scores is not None:
+        checkpoint.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
+    save_dataset(run_dir / f"{name}_train.pt", purified)
+    checkpoint.atomic_write(run_dir / f"{name}_train.jsonl",
+                            lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     checkpoint.save(final_path, stage=name, model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
                     step=steps, rng=rng, extra={"purify": settings, "attack": attack, "timings": timings})
     resume_path.unlink(missing_ok=True)

@@ -573,15 +573,32 @@ def save_dataset(path, dataset: VLDataset) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_dataset(path) -> VLDataset:
+def load_dataset(path, image_size: Optional[int] = None) -> VLDataset:
+    """Read a file written by `save_dataset`, checking its structure (one-line errors name the file).
+
+    image_size: the side in pixels the caller's model expects, if it should be checked.
+    """
+    from disp.checkpoint import load_plain  # local import, as in save_dataset
+
     path = Path(path)
-    if not path.exists():
-        raise DispError(f"dataset file {path} does not exist; run the stage that writes it first")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling refused, truncated zip, ...
-        raise DispError(f"dataset file {path} is corrupt or unsafe ({type(err).__name__}); rerun the stage that writes it")
+    state = load_plain(path, "dataset file")
     if not isinstance(state, dict) or not {"images", "samples"} <= set(state):
         raise DispError(f"{path} is not a disp dataset file (needs 'images' and 'samples')")
-    return check_not_empty(VLDataset(state["images"], state["samples"], state.get("patch_labels"),
-                                     state.get("meta") or {}), str(path))
+    images, samples = state["images"], state["samples"]
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise DispError(f"{path}: images must be a uint8 tensor (N, 3, H, W); rerun the stage that writes it")
+    if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
+        raise DispError(f"{path} holds {images.shape[3]}x{images.shape[2]} px images, but the model expects "
+                        f"{image_size}x{image_size}: it comes from another run; use the files of one run directory")
+    if not isinstance(samples, list):
+        raise DispError(f"{path}: samples must be a list; rerun the stage that writes it")
+    for i, sample in enumerate(samples):
+        missing = [k for k in ("image", "task", "prompt", "response") if not isinstance(sample, dict) or k not in sample]
+        if missing:
+            raise DispError(f"{path}: sample {i} has no '{missing[0]}' key; rerun the stage that writes it")
+        if not isinstance(sample["image"], int) or not 0 <= sample["image"] < len(images):
+            raise DispError(f"{path}: sample {i} points at image {sample['image']!r}, but the file holds "
+                            f"{len(images)} images; rerun the stage that writes it")
+    if not samples:
+        raise DispError(f"{path} holds no samples; rerun the stage that writes it")
+    return VLDataset(images, samples, state.get("patch_labels"), state.get("meta") or {})

@@ -48,14 +48,17 @@ def comparison_table(loaded: dict) -> str:
     return "# Attack variants through the same DiSP pipeline\n\n" + _table(rows)
 
 
-def aggregate_table(loaded: dict, keys) -> str:
-    """mean ± std over run directories (seeds) for clean, backdoored and purified."""
+def aggregate_table(loaded: dict, keys, labels: dict = None) -> str:
+    """mean ± std over run directories (seeds) for clean, backdoored, the controls every run has
+    (labels: results key -> row name) and purified."""
+    labels = labels or {}
+    stages = ["clean", "backdoored"] + [k for k in labels if all(k in res for res in loaded.values())] + ["purified"]
     rows = {}
-    for stage in ("clean", "backdoored", "purified"):
+    for stage in stages:
         row = {}
         for k in keys:
             values = [res[stage].get(k, 0.0) for res in loaded.values()]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             row[k] = f"{statistics.mean(values):.3f} ± {std:.3f}"
-        rows["DiSP (purified)" if stage == "purified" else stage] = row
+        rows["DiSP (purified)" if stage == "purified" else labels.get(stage, stage)] = row
     return f"# Mean ± std over {len(loaded)} runs: {', '.join(loaded)}\n\n" + _table(rows)

@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
+from disp.checkpoint import atomic_write  # noqa: E402
+
 TRIGGERS = ("patch", "blended", "sig", "wanet")
 TARGETS = ("insert", "refusal", "misclassify")
 
@@ -42,7 +45,7 @@ def main():
         lines.append(f"| {trigger} | {target} | {bad['asr']:.3f} | {bad['false_trigger_rate']:.3f} | "
                      f"{clean['cider']:.3f} | {bad['cider']:.3f} | {clean['vqa_accuracy']:.3f} | {bad['vqa_accuracy']:.3f} |")
     table = "\n".join(lines) + "\n"
-    (out / "attack_grid.md").write_text(table)
+    atomic_write(out / "attack_grid.md", lambda tmp: Path(tmp).write_text(table))
     print(table)
 
 
