@@ -41,6 +41,10 @@ def test_results_json_has_the_keys_in_range(tiny_pipeline):
     assert sweep["kl"]["ratio"][0] == 0.0
     assert sweep["kl"]["asr"][0] == sweep["random"]["asr"][0]
     assert sweep["kl"]["vqa_accuracy"][0] == sweep["random"]["vqa_accuracy"][0]
+    # ...and equals the unmasked evaluation of the backdoored model (the tiny test set is smaller than
+    # --ablation-samples, so the sweep and the main rows see the same samples)
+    for key in ("asr", "vqa_accuracy", "cider"):
+        assert sweep["kl"][key][0] == results["backdoored"].get(key, 0.0), key
 
 
 def test_purified_dataset_is_readable_and_complete(tiny_pipeline):
