@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default="", help="folder of the public dataset (for --data other than scenes)")
     p.add_argument("--sft-steps", type=int, default=None, help="override the preset's SFT steps")
     p.add_argument("--vision-steps", type=int, default=None, help="override the preset's ViT pretraining steps")
+    p.add_argument("--train-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="training precision: fp32 (default) | bf16 autocast (for GPUs); later stages inherit it")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's resume point")
     return p.parse_args(argv)
 
@@ -63,6 +65,7 @@ def main(argv=None):
             config.train.sft_steps = args.sft_steps
         if args.vision_steps is not None:
             config.train.vision_steps = args.vision_steps
+        config.train.precision = args.train_precision
     seed_everything(config.train.seed)
 
     # --- data and tokenizer --------------------------------------------------------------------

@@ -60,6 +60,7 @@ class TrainConfig:
     eval_every: int = 1000
     eval_samples: int = 200
     checkpoint_every: int = 500
+    precision: str = "fp32"  # training: fp32 | bf16 (autocast mixed precision, the usual choice on GPUs)
     seed: int = 0
 
 

@@ -25,6 +25,7 @@ from disp import distributed
 from disp.batching import BatchOrder, EncodedData
 from disp.diffusion import forward_noise, sft_loss
 from disp.errors import DispError
+from disp.utils import autocast
 
 TRAINABLE = ("projector", "projector+lm", "all")
 
@@ -97,10 +98,11 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup_steps)
         idx = order.indices(step)[distributed.shard(cfg.batch_size)]  # this rank's rows of the global batch
-        if patch_labels is not None:
-            loss = step_loss(model.to_float(images[idx].to(device)), patch_labels=patch_labels[idx].to(device))
-        else:
-            loss = step_loss(model.to_float(images[idx].to(device)), texts_bow=texts_bow[idx].to(device))
+        with autocast(device, cfg.precision):
+            if patch_labels is not None:
+                loss = step_loss(model.to_float(images[idx].to(device)), patch_labels=patch_labels[idx].to(device))
+            else:
+                loss = step_loss(model.to_float(images[idx].to(device)), texts_bow=texts_bow[idx].to(device))
         check_finite(loss, step, "vision pretraining")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -170,11 +172,12 @@ def finetune(model, images, data: EncodedData, *, params, steps, cfg, device, st
             vision_mask = random_vision_mask(len(idx), model.cfg.n_vision, vision_mask_max, generator, device)[mine]
         noise = [t[mine].to(device) for t in forward_noise(data.response_ids[idx], model.mask_id, generator)]
         idx, image_idx = idx[mine], data.image_index[idx[mine]]
-        loss = step_loss(
-            vit_features[image_idx.to(device)] if vit_features is not None else None,
-            images[image_idx].to(device) if vit_features is None else None,
-            data.prompt_ids[idx].to(device), data.response_ids[idx].to(device), noise, vision_mask,
-        )
+        with autocast(device, cfg.precision):  # fp32 unless the run's config asks for bf16
+            loss = step_loss(
+                vit_features[image_idx.to(device)] if vit_features is not None else None,
+                images[image_idx].to(device) if vit_features is None else None,
+                data.prompt_ids[idx].to(device), data.response_ids[idx].to(device), noise, vision_mask,
+            )
         check_finite(loss, step, stage)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # under torchrun, DDP averages the gradients over ranks here

@@ -33,7 +33,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """'fp32' or 'bf16' for inference (generation, saliency); training always runs in fp32.
+    """'fp32' or 'bf16' for inference (generation, saliency); training runs in the run's
+    config.train.precision (fp32 unless train.py --train-precision bf16).
 
     auto: bf16 where this machine has fast bf16 matrix units (a CUDA GPU that supports it, or an x86
     CPU with AVX512-BF16/AMX, where bf16 GEMMs ran ~4.5x faster than fp32 on our 2-core CI box);
@@ -61,6 +62,6 @@ def _cpu_has_bf16_units() -> bool:
 
 
 def autocast(device: str, precision: str):
-    """Context for inference at the resolved precision (bf16 autocast, or a no-op for fp32)."""
+    """Context at the resolved precision: bf16 autocast, or a no-op for fp32."""
     kind = torch.device(device).type
     return torch.autocast(kind, dtype=torch.bfloat16, enabled=resolve_precision(precision, device) == "bf16")

@@ -95,3 +95,12 @@ def test_bad_input_gives_one_line_error(args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_bf16_training_option_runs_and_is_recorded(tmp_path):
+    result = run("train.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--train-precision", "bf16",
+                 "--sft-steps", "4", "--vision-steps", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    _, _, config, state = checkpoint.load(tmp_path / "clean.pt", stages=["clean"])
+    assert config.train.precision == "bf16"
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
