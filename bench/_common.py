@@ -4,7 +4,6 @@ Every bench script imports this first; it puts the repository root on sys.path s
 `python bench/<name>.py` works from the root without installing the package.
 """
 
-import contextlib
 import os
 import platform
 import sys
@@ -20,6 +19,7 @@ import torch  # noqa: E402
 
 from disp.checkpoint import write_json  # noqa: E402
 from disp.errors import DispError  # noqa: E402
+from disp.utils import autocast, pick_device  # noqa: E402, F401 (re-exported for the scripts)
 
 PRECISION_CHOICES = ("fp32", "bf16", "both")
 
@@ -31,28 +31,9 @@ def precisions(choice: str):
     return ["fp32", "bf16"] if choice == "both" else [choice]
 
 
-def autocast(device: str, precision: str):
-    """The project's helper (disp.utils.autocast) when it exists, else torch.autocast directly."""
-    try:
-        from disp.utils import autocast as project_autocast
-    except ImportError:
-        project_autocast = None
-    if project_autocast is not None:
-        return project_autocast(device, precision)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
 def sync(device: str):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def pick_device(name: str) -> str:
-    from disp.utils import pick_device as project_pick
-
-    return project_pick(name)
 
 
 def machine() -> dict:
@@ -97,13 +78,16 @@ def gemm_peak(dtype, device="cpu", n=2048, repeats=6) -> float:
     return 2 * n**3 / best
 
 
-def timed(fn, device="cpu"):
-    """(result, seconds) of fn()."""
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t
+def best_time(fn, repeats, device):
+    """(result, seconds): the fastest of `repeats` calls of fn()."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        out = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return out, best
 
 
 def save_results(name: str, data: dict, out=None) -> Path:

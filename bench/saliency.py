@@ -14,11 +14,10 @@ token(s) covered by the patch trigger (top-left 8 px patch = token 0 at the defa
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from _common import (DispError, autocast, command_line, machine, machine_line, pick_device, precisions, require,
-                     save_results, sync, table)
+from _common import (DispError, autocast, best_time, command_line, machine, machine_line, pick_device, precisions,
+                     require, save_results, table)
 
 import torch  # noqa: E402
 
@@ -120,12 +119,9 @@ def main(argv=None):
         with autocast(device, precision):
             token_scores(model, tokenizer, data, indices[:8], "kl", batch_size=8, device=device)  # warm-up
             for method in METHODS:
-                sync(device)
-                t = time.perf_counter()
-                s = token_scores(model, tokenizer, data, indices, method, batch_size=args.batch_size, device=device,
-                                 seed=args.seed)
-                sync(device)
-                secs = time.perf_counter() - t
+                s, secs = best_time(lambda: token_scores(model, tokenizer, data, indices, method,
+                                                         batch_size=args.batch_size, device=device, seed=args.seed),
+                                    1, device)
                 all_scores[(precision, method)] = s
                 run[method] = {"seconds": secs, "ms_per_sample": 1e3 * secs / n,
                                "poisoned": trigger_stats(s, poisoned, trig), "clean": trigger_stats(s, clean, None)}

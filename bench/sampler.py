@@ -15,11 +15,10 @@ generate_responses + score, as clean_metrics does) on the whole test set, greedy
 """
 
 import argparse
-import time
 from pathlib import Path
 
-from _common import (DispError, autocast, command_line, machine, machine_line, pick_device, precisions, require,
-                     save_results, sync, table)
+from _common import (DispError, autocast, best_time, command_line, machine, machine_line, pick_device, precisions,
+                     require, save_results, table)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -100,17 +99,6 @@ def run_batches(fn, images, prompts, batch_size):
             calls.append(c)
         outs.append(r)
     return torch.cat(outs), calls
-
-
-def best_time(fn, repeats, device):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        out = fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return out, best
 
 
 def main(argv=None):
@@ -195,10 +183,8 @@ def main(argv=None):
             # clean metrics on the test set: greedy vs each threshold (the evaluation code path)
             run["metrics"] = {}
             for t in [None] + thresholds:
-                t0 = time.perf_counter()
-                preds = generate_responses(model, tokenizer, test, metric_idx, batch_size=args.batch_size,
-                                           device=device, threshold=t)
-                secs = time.perf_counter() - t0
+                preds, secs = best_time(lambda: generate_responses(model, tokenizer, test, metric_idx, device=device,
+                                                                   batch_size=args.batch_size, threshold=t), 1, device)
                 m = score(test, metric_idx, preds)
                 run["metrics"]["greedy" if t is None else str(t)] = {
                     "cider": m.get("cider"), "vqa_accuracy": m.get("vqa_accuracy"), "bleu4": m.get("bleu4"),
