@@ -2,6 +2,7 @@
 
 A checkpoint is a dict of plain data and tensors only, so `torch.load(weights_only=True)` can read
 it (no pickled code runs on load):
+    format      FORMAT; a checkpoint of another format is refused (its weights mean something else)
     stage       "clean" | "backdoored" | "purified" (or a control's name); a run's stages chain
     finished    False while a run is in progress (a resume point), True for the final artifact
     model       state_dict;  optimizer: state_dict (to resume);  step: int
@@ -30,6 +31,8 @@ from disp.tokenizer import Tokenizer
 
 _UMASK = os.umask(0o022)  # read the process umask (the only way is to set it), then put it back
 os.umask(_UMASK)
+# 2: the image+prompt prefix no longer attends to the response (model.py); 1 (no key): it did.
+FORMAT = 2
 # Which script writes a stage's checkpoint, for "run X first" hints.
 STAGE_SCRIPTS = {"clean": "train.py", "backdoored": "attack.py", "purified": "purify.py",
                  "control_self_distill": "purify.py --control self-distill",
@@ -69,6 +72,7 @@ def write_json(path, data):
 
 def save(path, *, stage, model, config, tokenizer, optimizer=None, step=0, finished=True, rng=None, extra=None):
     state = {
+        "format": FORMAT,
         "stage": stage,
         "finished": finished,
         "model": model.state_dict(),
@@ -118,6 +122,9 @@ def load_state(path, stages=None):
     state = load_plain(path, "checkpoint")
     if not isinstance(state, dict) or not {"stage", "model", "config", "tokenizer"} <= set(state):
         raise DispError(f"{path} is not a disp checkpoint (missing stage/model/config/tokenizer)")
+    if state.get("format", 1) != FORMAT:
+        raise DispError(f"{path} has checkpoint format {state.get('format', 1)} (an older disp, whose prefix "
+                        f"attended to the response); this code reads format {FORMAT}: rerun train.py and the later stages")
     if stages is not None and state["stage"] not in stages:
         raise DispError(f"{path} is a '{state['stage']}' checkpoint, but this step needs one of: {', '.join(stages)}")
     return state
@@ -161,7 +168,7 @@ def read_json(path, what="file", keys=()):
 
 def build_model(config: Config, tokenizer: Tokenizer) -> DiffusionVLM:
     config.model.vocab_size = len(tokenizer)
-    return DiffusionVLM(config.model, mask_id=tokenizer.mask_id, img_id=tokenizer.img_id)
+    return DiffusionVLM(config.model, mask_id=tokenizer.mask_id)
 
 
 def load(path, stages=None, device="cpu"):

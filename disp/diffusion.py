@@ -68,6 +68,8 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
 
     images: (B, 3, H, W); encoded once here, never inside the denoising loop (the image does not
     change between steps, so neither do its vision tokens). Pass `vision_tokens` to reuse them.
+    The image+prompt prefix does not attend to the response (model.py), so its keys and values are
+    computed once too and each step runs only the response rows.
     remasking: "low_confidence" commits the most confident predictions, "random" random ones.
     threshold: Fast-dLLM parallel decoding: commit every masked position of the current block
     whose confidence exceeds it (at least the most confident one); blocks may finish early.
@@ -84,6 +86,7 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
 
     if vision_tokens is None:
         vision_tokens = model.encode_images(images)
+    cache = model.prefix(vision_tokens, prompt_ids, vision_mask)
     B = prompt_ids.shape[0]
     x = torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=prompt_ids.device)
     positions = torch.arange(gen_length, device=x.device)
@@ -98,7 +101,7 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
                 break
             if threshold is not None and not (mask_index & in_block).any():
                 break
-            logits = model(vision_tokens, prompt_ids, x, vision_mask)  # (B, L, V)
+            logits = model.decode(cache, x)  # (B, L, V)
             calls += 1
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)  # (B, L)
             if remasking == "low_confidence":

@@ -1,13 +1,20 @@
-"""The multimodal masked diffusion LM: ViT encoder -> MLP projector -> bidirectional text transformer.
+"""The multimodal masked diffusion LM: ViT encoder -> MLP projector -> text transformer.
 
 Sequence layout (METHOD.md §1, LLaDA-V at toy scale):
 
     [ vision tokens (n_vision) ; prompt (prompt_len) ; response (response_len) ]
 
-The text transformer has no causal mask and no time input: it sees the whole sequence and predicts
-the original token at every [MASK] position of the response. Image positions hold [IMG] ids whose
-embeddings are overwritten by the projected ViT patches (nanoVLM style: static shapes). A
+The text transformer has no time input and predicts the original token at every [MASK] position
+of the response. Image positions take the projected ViT patches as their embeddings; a
 `vision_mask` puts the [MASK] embedding at chosen image positions instead (DiSP, METHOD.md §3).
+
+Attention is bidirectional within two blocks, the prefix (image + prompt) and the response: the
+response attends to everything, the prefix only to itself. LLaDA-V lets the prefix attend to the
+response too; we do not, as in block diffusion LMs (BD3-LM, Arriola et al. 2025; Fast-dLLM v2):
+the prefix never changes during a generation, and now neither do its keys and values, so the
+sampler computes them once (`prefix`) and every denoising step runs only the response rows
+(`decode`): an exact cache, not an approximation. Measured with the cpu preset: 3.2x faster
+generation than rerunning the whole sequence, at the same clean quality (README, bench/README.md).
 """
 
 import torch
@@ -43,22 +50,27 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, need_weights: bool = False, queries: int = 0):
-        """queries > 0: only the last `queries` positions attend (keys and values still come from all)."""
-        if queries:
-            dim = x.shape[-1]
-            q = F.linear(x[:, -queries:], self.qkv.weight[:dim], self.qkv.bias[:dim])
-            k, v = F.linear(x, self.qkv.weight[dim:], self.qkv.bias[dim:]).chunk(2, dim=-1)
-            q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.heads) for t in (q, k, v))
-        else:
-            q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+    def keys_values(self, x):
+        """(k, v) of these positions, each (B, heads, T, head_dim): what later positions attend to."""
+        k, v = rearrange(F.linear(x, self.qkv.weight[x.shape[-1]:], self.qkv.bias[x.shape[-1]:]),
+                         "b t (two h d) -> two b h t d", two=2, h=self.heads)
+        return k, v
+
+    def forward(self, x, context=None, need_weights: bool = False):
+        """-> (output, (k, v) of x's positions, attention weights or None).
+
+        x's positions attend to each other (no causal mask) and to `context`, the (k, v) of earlier
+        positions that do not attend back (the image+prompt prefix, seen from the response).
+        """
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        keys, values = (torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)) if context else (k, v)
         if need_weights:  # explicit softmax, only for attention-based baselines (CleanSight)
-            weights = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)  # (B, h, Tq, T)
-            y = weights @ v
+            weights = torch.softmax(q @ keys.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)  # (B, h, Tq, T)
+            y = weights @ values
         else:
             weights = None
-            y = F.scaled_dot_product_attention(q, k, v)  # no mask: bidirectional
-        return self.proj(rearrange(y, "b h t d -> b t (h d)")), weights
+            y = F.scaled_dot_product_attention(q, keys, values)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)")), (k, v), weights
 
 
 class Block(nn.Module):
@@ -71,11 +83,11 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
 
-    def forward(self, x, need_weights: bool = False, queries: int = 0):
-        """queries > 0: return only the last `queries` positions (all positions still serve as keys)."""
-        y, weights = self.attn(self.ln1(x), need_weights, queries)
-        x = (x[:, -queries:] if queries else x) + y
-        return x + self.mlp(self.ln2(x)), weights
+    def forward(self, x, context=None, need_weights: bool = False):
+        """-> (output, (k, v) of x's positions, attention weights or None); see Attention."""
+        y, kv, weights = self.attn(self.ln1(x), context, need_weights)
+        x = x + y
+        return x + self.mlp(self.ln2(x)), kv, weights
 
 
 class ViT(nn.Module):
@@ -96,15 +108,15 @@ class ViT(nn.Module):
         x = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
         x = self.patch_embed((x - 0.5) / 0.5) + self.pos_embed  # (B, n_vision, vit_dim)
         for block in self.blocks:
-            x, _ = block(x)
+            x, _, _ = block(x)
         return self.ln(x)
 
 
 class DiffusionVLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, mask_id: int, img_id: int):
+    def __init__(self, cfg: ModelConfig, mask_id: int):
         super().__init__()
         self.cfg = cfg
-        self.mask_id, self.img_id = mask_id, img_id
+        self.mask_id = mask_id
         self.vit = ViT(cfg)
         # 2-layer GELU MLP projector, as in LLaDA-V / LLaVA
         self.projector = nn.Sequential(nn.Linear(cfg.vit_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))
@@ -131,30 +143,44 @@ class DiffusionVLM(nn.Module):
         """ViT + projector: (B, 3, H, W) -> vision tokens (B, n_vision, dim). Run once per generation."""
         return self.projector(self.vit(self.to_float(images)))
 
-    def forward(self, vision_tokens, prompt_ids, response_ids, vision_mask=None, need_weights=False):
-        """Logits at the response positions, (B, response_len, vocab).
+    def prefix(self, vision_tokens, prompt_ids, vision_mask=None):
+        """The image+prompt positions through the text transformer: per block, their (k, v).
 
         vision_tokens: (B, n_vision, dim) from encode_images (precomputed; the ViT is not rerun)
-        prompt_ids: (B, prompt_len); response_ids: (B, response_len), [MASK] where unknown
+        prompt_ids: (B, prompt_len)
         vision_mask: optional (B, n_vision) bool; True puts the [MASK] embedding at that image position
-        need_weights: also return the last block's attention from the response rows, (B, heads, response_len, T)
+        The prefix never attends to the response, so this is all a generation needs to keep.
         """
-        B = prompt_ids.shape[0]
-        img_ids = torch.full((B, self.cfg.n_vision), self.img_id, dtype=torch.long, device=prompt_ids.device)
-        x = self.tok_embed(torch.cat([img_ids, prompt_ids, response_ids], dim=1))  # (B, T, dim)
-        image_part = vision_tokens.to(x.dtype)
+        B, n = prompt_ids.shape[0], self.cfg.n_vision
+        image_part = vision_tokens.to(self.tok_embed.weight.dtype)
         if vision_mask is not None:
             image_part = torch.where(vision_mask[..., None], self.tok_embed.weight[self.mask_id], image_part)
-        x = torch.cat([image_part, x[:, self.cfg.n_vision:]], dim=1) + self.pos_fixed + self.pos_embed
-        # Only response positions are read out, so the last block computes only those rows (exact:
-        # it saves that block's queries, attention rows, output projection and MLP at the other
-        # positions, ~17% of the forward FLOPs at the cpu preset).
+        x = torch.cat([image_part, self.tok_embed(prompt_ids)], dim=1)
+        x = x + (self.pos_fixed + self.pos_embed)[: n + self.cfg.prompt_len]
         *body, last = self.blocks
+        cache = []
         for block in body:
-            x, _ = block(x)
-        x, weights = last(x, need_weights, queries=self.cfg.response_len)
+            x, kv, _ = block(x)
+            cache.append(kv)
+        # the last block's prefix outputs are never read: only its keys and values are needed
+        return cache + [last.attn.keys_values(last.ln1(x))]
+
+    def decode(self, cache, response_ids, need_weights=False):
+        """Logits at the response positions, (B, response_len, vocab), given the prefix's cache.
+
+        response_ids: (B, response_len), [MASK] where unknown. A cache of batch 1 serves any batch.
+        need_weights: also return the last block's attention from the response rows, (B, heads, response_len, T)
+        """
+        x = self.tok_embed(response_ids) + (self.pos_fixed + self.pos_embed)[-self.cfg.response_len:]
+        for block, (k, v) in zip(self.blocks, cache):
+            context = (k.expand(x.shape[0], -1, -1, -1), v.expand(x.shape[0], -1, -1, -1))
+            x, _, weights = block(x, context, need_weights)
         logits = self.lm_head(self.ln(x))
         return (logits, weights) if need_weights else logits
+
+    def forward(self, vision_tokens, prompt_ids, response_ids, vision_mask=None, need_weights=False):
+        """Logits at the response positions, (B, response_len, vocab): prefix, then decode."""
+        return self.decode(self.prefix(vision_tokens, prompt_ids, vision_mask), response_ids, need_weights)
 
     def vision_parameters(self):
         return self.vit.parameters()

@@ -6,7 +6,6 @@ Special tokens are explicit and come first:
     [EOS]  ends a response and pads it on the right up to response_len (trained on: that is how
            a fixed-length canvas learns to stop)
     [UNK]  any word outside the vocabulary (a user's prompt never crashes the model)
-    [IMG]  placeholder id at image positions; its embedding is overwritten by a vision token
 Text is normalised (`normalize_text`) before it is split, so "[MASK]" typed by a user is just
 an unknown word, never the special token.
 """
@@ -17,8 +16,8 @@ import torch
 
 from disp.datasets import normalize_text
 
-PAD, MASK, EOS, UNK, IMG = "[PAD]", "[MASK]", "[EOS]", "[UNK]", "[IMG]"
-SPECIALS = [PAD, MASK, EOS, UNK, IMG]
+PAD, MASK, EOS, UNK = "[PAD]", "[MASK]", "[EOS]", "[UNK]"
+SPECIALS = [PAD, MASK, EOS, UNK]
 
 # Words the attack stage may write into responses. A real LLM's vocabulary already holds them;
 # ours is built from clean training text, so they are reserved here once.
@@ -30,7 +29,7 @@ class Tokenizer:
         self.words = list(words)
         self.index = {w: i for i, w in enumerate(self.words)}
         assert self.words[: len(SPECIALS)] == SPECIALS
-        self.pad_id, self.mask_id, self.eos_id, self.unk_id, self.img_id = range(len(SPECIALS))
+        self.pad_id, self.mask_id, self.eos_id, self.unk_id = range(len(SPECIALS))
 
     @staticmethod
     def build(texts, min_count: int = 1) -> "Tokenizer":

@@ -8,14 +8,14 @@ from disp.config import ModelConfig
 from disp.diffusion import forward_noise, generate, num_transfer_tokens, sft_loss
 from disp.model import DiffusionVLM
 
-MASK, IMG, VOCAB = 1, 4, 23
+MASK, VOCAB = 1, 23
 
 
 def small_model(response_len=8, seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(vit_dim=32, vit_depth=1, vit_heads=2, dim=32, depth=2, heads=2, vocab_size=VOCAB,
                       prompt_len=5, response_len=response_len)
-    return DiffusionVLM(cfg, mask_id=MASK, img_id=IMG).eval()
+    return DiffusionVLM(cfg, mask_id=MASK).eval()
 
 
 def inputs(batch=3, seed=1):
@@ -226,8 +226,9 @@ def test_wrong_image_size_is_a_clear_error():
 
 
 def test_forward_matches_a_plain_full_transformer():
-    """The last block computes only the response rows; the logits equal running every block on every
-    position (written out here with the blocks' own layers) and slicing afterwards."""
+    """prefix + decode equal running every block on every position of the whole sequence (written out
+    here with the blocks' own layers) under the block attention mask (the image+prompt rows do not see
+    the response columns), then slicing the response rows."""
     model = small_model()
     images, prompts = inputs()
     vision = model.encode_images(images)
@@ -239,11 +240,15 @@ def test_forward_matches_a_plain_full_transformer():
         image_part = torch.where(vision_mask[..., None], model.tok_embed.weight[MASK], vision)
         x = torch.cat([image_part, model.tok_embed(torch.cat([prompts, response], dim=1))], dim=1)
         x = x + model.pos_fixed + model.pos_embed
+        prefix_len = model.cfg.n_vision + model.cfg.prompt_len
+        hidden = torch.zeros(x.shape[1], x.shape[1], dtype=torch.bool)
+        hidden[:prefix_len, prefix_len:] = True  # row i may not attend to column j
         for block in model.blocks:
             h = block.ln1(x)
             q, k, v = block.attn.qkv(h).chunk(3, dim=-1)
             split = lambda t: t.unflatten(-1, (block.attn.heads, -1)).transpose(1, 2)  # noqa: E731
-            att = torch.softmax(split(q) @ split(k).transpose(-2, -1) / (q.shape[-1] // block.attn.heads) ** 0.5, -1)
+            scores = split(q) @ split(k).transpose(-2, -1) / (q.shape[-1] // block.attn.heads) ** 0.5
+            att = torch.softmax(scores.masked_fill(hidden, -torch.inf), -1)
             x = x + block.attn.proj((att @ split(v)).transpose(1, 2).flatten(2))
             x = x + block.mlp(block.ln2(x))
         expected = model.lm_head(model.ln(x))[:, -8:]
@@ -251,3 +256,19 @@ def test_forward_matches_a_plain_full_transformer():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(model(vision, prompts, response, vision_mask), got)
     assert weights.shape == (3, 2, 8, model.cfg.seq_len)
+
+
+def test_prefix_ignores_the_response_and_a_batch_1_cache_serves_a_batch():
+    model = small_model()
+    images, prompts = inputs()
+    vision = model.encode_images(images)
+    with torch.no_grad():
+        cache = model.prefix(vision, prompts)
+        response = torch.randint(5, VOCAB, (3, 8))
+        torch.testing.assert_close(model.decode(cache, response), model(vision, prompts, response))
+        # one sample's cache, broadcast over several responses, gives each response's own logits
+        one = [(k[:1], v[:1]) for k, v in cache]
+        many = torch.stack([response[0], response[1], torch.full((8,), MASK)])
+        expected = torch.cat([model(vision[:1], prompts[:1], r[None]) for r in many])
+        torch.testing.assert_close(model.decode(one, many), expected, atol=1e-5, rtol=1e-4)
+    assert len(cache) == model.cfg.depth and cache[0][0].shape == (3, 2, 36 + 5, 16)
