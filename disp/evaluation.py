@@ -15,6 +15,19 @@ from disp.metrics import bleu, cider, exact_match, vqa_accuracy
 
 
 @torch.no_grad()
+def encode_images_once(model, dataset, image_index, device, batch_size=256):
+    """-> (vision tokens of each distinct image, (N,) row of them for each sample).
+
+    The ViT runs once per image however many prompts it has (a caption and its questions): an
+    image's vision tokens do not depend on the prompt.
+    """
+    unique, row = image_index.unique(return_inverse=True)
+    tokens = [model.encode_images(dataset.images[unique[s:s + batch_size]].to(device))
+              for s in range(0, len(unique), batch_size)]
+    return torch.cat(tokens), row.to(device)
+
+
+@torch.no_grad()
 def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=None,
                        batch_size=256, device="cpu", steps=None, threshold=None, desc=None):
     """Decoded responses for dataset.samples[indices].
@@ -25,13 +38,16 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     model.eval()
     cfg = model.cfg
     indices = list(range(len(dataset.samples))) if indices is None else list(indices)
+    if not indices:
+        return []
     encoded = encode_dataset(dataset, tokenizer, cfg)
+    vision, vision_row = encode_images_once(model, dataset, encoded.image_index[indices], device)
     out = []
     batches = range(0, len(indices), batch_size)
     for start in tqdm(batches, desc=desc or "generating", leave=False, disable=desc is None):
         idx = torch.tensor(indices[start:start + batch_size])
         prompt_ids = encoded.prompt_ids[idx].to(device)
-        vision_tokens = model.encode_images(dataset.images[encoded.image_index[idx]].to(device))
+        vision_tokens = vision[vision_row[start:start + batch_size]]
         vision_mask = vision_masks[idx].to(device) if vision_masks is not None else None
         ids = generate(model, None, prompt_ids, gen_length=cfg.response_len, steps=steps or cfg.response_len,
                        block_length=cfg.response_len, vision_tokens=vision_tokens, vision_mask=vision_mask,
@@ -119,12 +135,14 @@ def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=
 
     encoded = encode_dataset(dataset, tokenizer, model.cfg)
     scores = torch.zeros(len(dataset.samples), model.cfg.n_vision)
+    if not len(indices):
+        return scores
     generator = torch.Generator().manual_seed(seed)
+    vision, vision_row = encode_images_once(model, dataset, encoded.image_index[torch.as_tensor(indices)], device)
     for start in tqdm(range(0, len(indices), batch_size), desc=desc, disable=desc is None):
         idx = torch.tensor(indices[start:start + batch_size])
         prompt_ids = encoded.prompt_ids[idx].to(device)
-        with torch.no_grad():
-            vision_tokens = model.encode_images(dataset.images[encoded.image_index[idx]].to(device))
+        vision_tokens = vision[vision_row[start:start + batch_size]]
         if method == "attention":
             s = attention_scores(model, vision_tokens, prompt_ids)
         else:

@@ -60,17 +60,24 @@ class Attention(nn.Module):
         """-> (output, (k, v) of x's positions, attention weights or None).
 
         x's positions attend to each other (no causal mask) and to `context`, the (k, v) of earlier
-        positions that do not attend back (the image+prompt prefix, seen from the response).
+        positions that do not attend back (the image+prompt prefix, seen from the response); a
+        context of batch 1 broadcasts over x's batch. Attention is written out (scores, softmax,
+        weighted sum) rather than F.scaled_dot_product_attention: at our sequence lengths (<= 60)
+        it is faster on CPUs, and it never concatenates the context's keys and values with x's.
         """
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        keys, values = (torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)) if context else (k, v)
-        if need_weights:  # explicit softmax, only for attention-based baselines (CleanSight)
-            weights = torch.softmax(q @ keys.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1)  # (B, h, Tq, T)
-            y = weights @ values
+        scale = q.shape[-1] ** -0.5
+        scores = q @ k.transpose(-2, -1) * scale  # (B, h, Tx, Tx)
+        if context is not None:
+            scores = torch.cat([q @ context[0].transpose(-2, -1) * scale, scores], dim=-1)  # (B, h, Tx, Tc + Tx)
+        weights = torch.softmax(scores, dim=-1)
+        if context is None:
+            y = weights @ v
         else:
-            weights = None
-            y = F.scaled_dot_product_attention(q, keys, values)
-        return self.proj(rearrange(y, "b h t d -> b t (h d)")), (k, v), weights
+            n = context[0].shape[2]
+            y = weights[..., :n] @ context[1] + weights[..., n:] @ v
+        y = self.proj(rearrange(y, "b h t d -> b t (h d)"))
+        return y, (k, v), weights if need_weights else None
 
 
 class Block(nn.Module):
@@ -163,7 +170,9 @@ class DiffusionVLM(nn.Module):
             x, kv, _ = block(x)
             cache.append(kv)
         # the last block's prefix outputs are never read: only its keys and values are needed
-        return cache + [last.attn.keys_values(last.ln1(x))]
+        cache.append(last.attn.keys_values(last.ln1(x)))
+        # contiguous once here, not copied by every decode step's matmuls
+        return [(k.contiguous(), v.contiguous()) for k, v in cache]
 
     def decode(self, cache, response_ids, need_weights=False):
         """Logits at the response positions, (B, response_len, vocab), given the prefix's cache.
@@ -172,8 +181,7 @@ class DiffusionVLM(nn.Module):
         need_weights: also return the last block's attention from the response rows, (B, heads, response_len, T)
         """
         x = self.tok_embed(response_ids) + (self.pos_fixed + self.pos_embed)[-self.cfg.response_len:]
-        for block, (k, v) in zip(self.blocks, cache):
-            context = (k.expand(x.shape[0], -1, -1, -1), v.expand(x.shape[0], -1, -1, -1))
+        for block, context in zip(self.blocks, cache):
             x, _, weights = block(x, context, need_weights)
         logits = self.lm_head(self.ln(x))
         return (logits, weights) if need_weights else logits

@@ -1,0 +1,49 @@
+"""Generating over a dataset: the ViT runs once per distinct image, and nothing else changes."""
+
+import torch
+
+from disp.config import ModelConfig
+from disp.datasets import VLDataset
+from disp.diffusion import generate
+from disp.evaluation import generate_responses, token_scores
+from disp.model import DiffusionVLM
+from disp.tokenizer import Tokenizer
+
+
+def setup():
+    tokenizer = Tokenizer.build(["a red square", "what color is it ?", "red", "describe the image ."])
+    torch.manual_seed(0)
+    cfg = ModelConfig(vit_dim=32, vit_depth=1, vit_heads=2, dim=32, depth=2, heads=2, vocab_size=len(tokenizer),
+                      prompt_len=5, response_len=4)
+    model = DiffusionVLM(cfg, mask_id=tokenizer.mask_id).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 3, 48, 48), dtype=torch.uint8, generator=g)
+    prompts = ["describe the image .", "what color is it ?"]
+    # image 1 has two prompts, image 2 two, image 0 one; samples are not grouped by image
+    samples = [{"image": m, "task": "t", "prompt": p, "response": "red", "answers": ["red"]}
+               for m, p in [(1, prompts[0]), (2, prompts[1]), (1, prompts[1]), (0, prompts[0]), (2, prompts[0])]]
+    return model, tokenizer, VLDataset(images=images, samples=samples)
+
+
+def test_generate_responses_runs_the_vit_once_per_image_and_matches_per_sample_generation():
+    model, tokenizer, data = setup()
+    seen = []
+    model.vit.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    got = generate_responses(model, tokenizer, data, [4, 0, 2, 1], batch_size=3)
+    assert sum(seen) == 2  # images 1 and 2 only, each encoded once
+    expected = []
+    for i in [4, 0, 2, 1]:  # one sample at a time, its own image through the ViT
+        s = data.samples[i]
+        ids = generate(model, data.images[s["image"]][None], tokenizer.encode_prompts([s["prompt"]], 5),
+                       gen_length=4, steps=4, block_length=4)
+        expected.append(tokenizer.decode(ids[0]))
+    assert got == expected
+    assert generate_responses(model, tokenizer, data, []) == []
+
+
+def test_token_scores_share_the_vit_and_leave_other_rows_zero():
+    model, tokenizer, data = setup()
+    scores = token_scores(model, tokenizer, data, [0, 2, 3], "kl", batch_size=2)
+    assert scores.shape == (5, 36) and torch.all(scores[[1, 4]] == 0) and torch.all(scores[[0, 2, 3]] > 0)
+    single = token_scores(model, tokenizer, data, [2], "kl")
+    torch.testing.assert_close(single[2], scores[2], atol=1e-5, rtol=1e-4)
