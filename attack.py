@@ -53,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="which samples are poisoned, batch order")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--precision", default="auto",
-                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; training is fp32")
+                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; "
+                        "training uses the run's (train.py --train-precision)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted attack")
     return p.parse_args(argv)
 

@@ -35,13 +35,15 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and batch order")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
     p.add_argument("--precision", default="auto",
-                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; training is fp32")
+                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16")
     p.add_argument("--data", default="scenes", help="scenes (embedded, default) | coco | karpathy | flickr | vqav2")
     p.add_argument("--data-root", default="", help="folder of the public dataset (for --data other than scenes)")
     p.add_argument("--sft-steps", type=int, default=None, help="override the preset's SFT steps")
     p.add_argument("--vision-steps", type=int, default=None, help="override the preset's ViT pretraining steps")
-    p.add_argument("--train-precision", default="fp32", choices=["fp32", "bf16"],
-                   help="training precision: fp32 (default) | bf16 autocast (for GPUs); later stages inherit it")
+    p.add_argument("--train-precision", default=None,
+                   help="training precision: auto (bf16 autocast on fast-bf16 hardware, else fp32) | fp32 | bf16; "
+                        "default: the preset's (auto; tiny: fp32). Stored in the run's config: attack.py and "
+                        "purify.py train the same way")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's resume point")
     return p.parse_args(argv)
 
@@ -65,7 +67,8 @@ def main(argv=None):
             config.train.sft_steps = args.sft_steps
         if args.vision_steps is not None:
             config.train.vision_steps = args.vision_steps
-        config.train.precision = args.train_precision
+        config.train.precision = resolve_precision(args.train_precision or config.train.precision, device,
+                                                    "--train-precision")
     seed_everything(config.train.seed)
 
     # --- data and tokenizer --------------------------------------------------------------------

@@ -10,8 +10,7 @@ encoded training split (BatchOrder), backward, clip_grad_norm_(1.0), AdamW.step,
 parameters (train.py's clean SFT). Only the weights are fresh (nothing here needs a trained model).
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one forward + backward (attention included: the
-CPU flash-attention ops are not in torch's table, this script registers torch's own SDPA formulas
-for them), next to an analytic count. The peak is the best of several 2048^3 GEMMs in fp32 and in
+model writes it out as matmuls), next to an analytic count. The peak is the best of several 2048^3 GEMMs in fp32 and in
 bf16, measured in the same run. bf16 = torch.autocast(bfloat16) around the forward (fp32 weights
 and optimizer), an option only: the project trains in fp32.
 """
@@ -23,7 +22,6 @@ from _common import (DispError, autocast, command_line, gemm_peak, machine, mach
                      save_results, sync, table)
 
 import torch  # noqa: E402  (after _common, which puts the repository on sys.path)
-from torch.utils import flop_counter  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from disp import checkpoint  # noqa: E402
@@ -34,20 +32,6 @@ from disp.errors import friendly_errors  # noqa: E402
 from disp.sources import load_splits  # noqa: E402
 from disp.tokenizer import Tokenizer  # noqa: E402
 from disp.training import check_finite, lr_at, random_vision_mask  # noqa: E402
-
-aten = torch.ops.aten
-# torch's table covers the CUDA attention kernels; SDPA on CPU runs these two ops instead.
-def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,26 +45,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def analytic_flops(cfg, batch: int, queries_only_last_block: bool) -> dict:
-    """Matmul FLOPs of one forward + backward of projector + text model (backward = 2x forward,
-    except the projector's first layer, whose input (cached ViT features) needs no gradient)."""
-    B, T, L, N = batch, cfg.seq_len, cfg.response_len, cfg.n_vision
+def analytic_flops(cfg, batch: int) -> dict:
+    """Matmul FLOPs of one forward + backward of projector + text model as the model computes them
+    (backward = 2x forward, except the projector's first layer, whose input needs no gradient).
+
+    The prefix (image + prompt, P rows) goes through every block but the last, of which it needs only
+    keys and values; the response (L rows) through every block. Prefix rows attend to P keys,
+    response rows to P + L. `full` is the same model run LLaDA-style, every row in every block
+    attending to every row, for comparison.
+    """
+    B, N, L, depth = batch, cfg.n_vision, cfg.response_len, cfg.depth
+    P, T = N + cfg.prompt_len, cfg.seq_len
     D, Dv, m, V = cfg.dim, cfg.vit_dim, cfg.mlp_ratio, cfg.vocab_size
     proj_first, proj_second = 2 * B * N * Dv * D, 2 * B * N * D * D
-    block_linear = 2 * B * T * D * D * (3 + 1 + 2 * m)
-    block_attn = 4 * B * T * T * D  # QK^T and AV
-    blocks_linear, blocks_attn = block_linear * cfg.depth, block_attn * cfg.depth
-    if queries_only_last_block:  # last block: K, V at all positions; Q, out-proj, MLP, attention rows at L
-        blocks_linear += -block_linear + 2 * B * T * D * 2 * D + 2 * B * L * D * D * (1 + 1 + 2 * m)
-        blocks_attn += -block_attn + 4 * B * L * T * D
+    row = 2 * D * D * (3 + 1 + 2 * m)  # one row through one block: qkv, out-projection, MLP
+    linear = B * (P * row * (depth - 1) + P * 2 * D * 2 * D + L * row * depth)
+    attn = 4 * B * D * (P * P * (depth - 1) + L * T * depth)  # QK^T and AV
     head = 2 * B * L * D * V
-    forward = proj_first + proj_second + blocks_linear + blocks_attn + head
-    total = 3 * forward - proj_first
-    return {"forward": forward, "forward_backward": total, "attention_forward_backward": 3 * blocks_attn}
+    forward = proj_first + proj_second + linear + attn + head
+    full = proj_first + proj_second + B * T * row * depth + 4 * B * D * T * T * depth + head
+    return {"forward_backward": 3 * forward - proj_first, "attention_forward_backward": 3 * attn,
+            "full_forward_backward": 3 * full - proj_first}
 
 
 def count_flops(step_fn) -> dict:
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+    with FlopCounterMode(display=False) as counter:
         step_fn()
     by_op = {str(op).replace("aten.", ""): n for op, n in counter.get_flop_counts()["Global"].items()}
     return {"total": counter.get_total_flops(), "by_op": by_op}
@@ -162,13 +151,12 @@ def main(argv=None):
 
         return step_fn, fwd_bwd, phases
 
-    analytic = analytic_flops(cfg, tcfg.batch_size, True)  # the model's last block computes response rows only
-    analytic_full = analytic_flops(cfg, tcfg.batch_size, False)
+    analytic = analytic_flops(cfg, tcfg.batch_size)
     results = {"machine": info, "command": command_line(), "preset": args.preset, "batch_size": tcfg.batch_size,
                "seq_len": cfg.seq_len, "trained_parameters": n_text, "timed_steps": args.steps,
                "warmup_steps": args.warmup, "peak_flops": peaks, "vit_feature_cache_s": t_feat,
                "analytic_flops_per_step": analytic["forward_backward"],
-               "analytic_flops_per_step_all_positions": analytic_full["forward_backward"],
+               "analytic_flops_per_step_full_sequence": analytic["full_forward_backward"],
                "runs": {}}
     for precision in which:
         generator = torch.Generator().manual_seed(args.seed)
@@ -201,10 +189,9 @@ def main(argv=None):
     for precision, run in runs.items():
         ops = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in sorted(run["counted_flops_by_op"].items()))
         print(f"  FlopCounterMode ({precision}): {run['counted_flops_per_step'] / 1e9:.2f} GFLOP  ({ops})")
-    print(f"  analytic (last block computes response rows only): {analytic['forward_backward'] / 1e9:.2f} GFLOP; "
-          f"all positions in every block: {analytic_full['forward_backward'] / 1e9:.2f} GFLOP; "
-          f"attention {analytic['attention_forward_backward'] / 1e9:.2f} GFLOP of it")
-    print("  (the counter charges attention backward 5 matmuls incl. the recomputed scores; analytic charges 4)")
+    print(f"  analytic: {analytic['forward_backward'] / 1e9:.2f} GFLOP, attention {analytic['attention_forward_backward'] / 1e9:.2f} "
+          f"of it; every row in every block attending to every row (LLaDA-style): "
+          f"{analytic['full_forward_backward'] / 1e9:.2f} GFLOP")
     print()
     rows = []
     for precision, run in runs.items():

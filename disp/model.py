@@ -13,8 +13,8 @@ response attends to everything, the prefix only to itself. LLaDA-V lets the pref
 response too; we do not, as in block diffusion LMs (BD3-LM, Arriola et al. 2025; Fast-dLLM v2):
 the prefix never changes during a generation, and now neither do its keys and values, so the
 sampler computes them once (`prefix`) and every denoising step runs only the response rows
-(`decode`): an exact cache, not an approximation. Measured with the cpu preset: 3.2x faster
-generation than rerunning the whole sequence, at the same clean quality (README, bench/README.md).
+(`decode`): an exact cache, not an approximation. At the cpu preset a step then costs about a
+fifth of a whole-sequence pass (39 vs 182 ms for 256 samples in fp32, bench/README.md).
 """
 
 import torch
@@ -158,7 +158,7 @@ class DiffusionVLM(nn.Module):
         vision_mask: optional (B, n_vision) bool; True puts the [MASK] embedding at that image position
         The prefix never attends to the response, so this is all a generation needs to keep.
         """
-        B, n = prompt_ids.shape[0], self.cfg.n_vision
+        n = self.cfg.n_vision
         image_part = vision_tokens.to(self.tok_embed.weight.dtype)
         if vision_mask is not None:
             image_part = torch.where(vision_mask[..., None], self.tok_embed.weight[self.mask_id], image_part)

@@ -32,23 +32,23 @@ def seed_everything(seed: int):
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """'fp32' or 'bf16' for inference (generation, saliency); training runs in the run's
-    config.train.precision (fp32 unless train.py --train-precision bf16).
+def resolve_precision(precision: str, device: str, flag: str = "--precision") -> str:
+    """'fp32' or 'bf16': for inference (generation, saliency) per script, and for training once in
+    train.py (--train-precision), stored resolved in the run's config.train.precision.
 
     auto: bf16 where this machine has fast bf16 matrix units (a CUDA GPU that supports it, or an x86
     CPU with AVX512-BF16/AMX, where bf16 GEMMs ran ~4.5x faster than fp32 on our 2-core CI box);
     fp32 elsewhere (most laptop CPUs emulate bf16 slowly; MPS).
     """
     if precision not in PRECISIONS:
-        raise DispError(f"unknown --precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
+        raise DispError(f"unknown {flag} '{precision}'; choose one of: {', '.join(PRECISIONS)}")
     kind = torch.device(device).type
     if precision == "auto":
         if kind == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if kind == "cpu" and _cpu_has_bf16_units() else "fp32"
     if precision == "bf16" and kind not in ("cpu", "cuda"):
-        raise DispError(f"--precision bf16 is supported on cpu and cuda, not {kind}; use --precision fp32")
+        raise DispError(f"{flag} bf16 is supported on cpu and cuda, not {kind}; use {flag} fp32")
     return precision
 
 

@@ -89,6 +89,7 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--data", "coco", "--data-root", "/nonexistent/coco"], "/nonexistent/coco"),
     (["--resume", "--out-dir", "/nonexistent/run"], "does not exist"),
     (["--precision", "fp16"], "unknown --precision 'fp16'"),
+    (["--train-precision", "fp16"], "unknown --train-precision 'fp16'"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     result = run("train.py", "--preset", "tiny", *args)
@@ -97,10 +98,12 @@ def test_bad_input_gives_one_line_error(args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
-def test_bf16_training_option_runs_and_is_recorded(tmp_path):
-    result = run("train.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--train-precision", "bf16",
+@pytest.mark.parametrize("flag", ["bf16", "auto"])
+def test_training_precision_runs_and_is_recorded_resolved(tmp_path, flag):
+    from disp.utils import resolve_precision
+    result = run("train.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--train-precision", flag,
                  "--sft-steps", "4", "--vision-steps", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     _, _, config, state = checkpoint.load(tmp_path / "clean.pt", stages=["clean"])
-    assert config.train.precision == "bf16"
+    assert config.train.precision == resolve_precision(flag, "cpu") in ("fp32", "bf16")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
