@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--aggregate", default=None, help="comma-separated run dirs (seeds): mean ± std table")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--precision", default="auto",
-                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; training is fp32")
+                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16")
     return p.parse_args(argv)
 
 
@@ -102,7 +102,7 @@ def main(argv=None):
         purify_scores = checkpoint.load_plain(run_dir / "purified_saliency.pt", "saliency scores")
         if not isinstance(purify_scores, torch.Tensor) or len(purify_scores) != len(poisoned_train.samples):
             raise DispError(f"{run_dir / 'purified_saliency.pt'} does not fit poisoned_train.pt; rerun purify.py")
-    bcfg = BackdoorConfig.from_dict(b_state["extra"]["attack"]["backdoor"])
+    bcfg = BackdoorConfig.from_dict(attack["backdoor"])
     settings = p_state["extra"]["purify"]
     _, _, test = load_splits(config.data, config.model.image_size)
     triggered = triggered_copy(test, bcfg)

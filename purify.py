@@ -19,8 +19,9 @@ image, and the refinement then learns wrong clean answers. The default `--rule a
 token only when its saliency is an outlier for its prompt type (the defender knows each prompt):
 the samples' top token scores are split at their widest gap on a log scale, if that gap spans at
 least `--min-gap` (a ratio; see disp.saliency.fit_thresholds). A trigger token's occlusion KL sits
-well above any clean token's (>= 4.8x, up to 1000x, by prompt type in the seed-0 run), so poisoned
-samples lose their trigger while clean samples are regenerated unmasked (and keep their answers).
+well above any clean token's (>= 4.8x, up to 1000x, by prompt type, in a seed-0 run of an
+earlier, fully bidirectional model), so poisoned samples lose their trigger while clean samples
+are regenerated unmasked (and keep their answers).
 
 Writes purified.pt, purified_train.pt + purified_train.jsonl (original vs regenerated response and
 the masked tokens of every sample, for a person to read), purify_report.json, and saliency PNGs.

@@ -24,6 +24,13 @@ from disp.utils import autocast, pick_device  # noqa: E402, F401 (re-exported fo
 PRECISION_CHOICES = ("fp32", "bf16", "both")
 
 
+def add_common_options(parser, name: str):
+    """--precision, --device and --out, the same in every bench script that measures precisions."""
+    parser.add_argument("--precision", default="both", help="fp32 | bf16 | both (default: both, side by side)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
+    parser.add_argument("--out", default=None, help=f"JSON path (default: bench/results/{name}.json)")
+
+
 def precisions(choice: str):
     """--precision fp32|bf16|both -> the list of precisions to measure, side by side."""
     if choice not in PRECISION_CHOICES:

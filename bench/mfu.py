@@ -9,17 +9,18 @@ a random vision mask (train.py's vision_mask_max), disp.diffusion.sft_loss on a 
 encoded training split (BatchOrder), backward, clip_grad_norm_(1.0), AdamW.step, on the text
 parameters (train.py's clean SFT). Only the weights are fresh (nothing here needs a trained model).
 
-FLOPs: torch.utils.flop_counter.FlopCounterMode over one forward + backward (attention included: the
-model writes it out as matmuls), next to an analytic count. The peak is the best of several 2048^3 GEMMs in fp32 and in
-bf16, measured in the same run. bf16 = torch.autocast(bfloat16) around the forward (fp32 weights
-and optimizer), an option only: the project trains in fp32.
+FLOPs: torch.utils.flop_counter.FlopCounterMode over one forward + backward (attention included:
+the model writes it out as matmuls), next to an analytic count. The peak is the best of several
+2048^3 GEMMs in fp32 and in bf16, measured in the same run. bf16 = torch.autocast(bfloat16) around
+the forward (fp32 weights and optimizer), as train.py does under --train-precision bf16 (auto picks
+it on hardware with fast bf16 units). The MFU bar is judged on the fp32 step.
 """
 
 import argparse
 import time
 
-from _common import (DispError, autocast, command_line, gemm_peak, machine, machine_line, pick_device, precisions,
-                     save_results, sync, table)
+from _common import (DispError, add_common_options, autocast, command_line, gemm_peak, machine, machine_line,
+                     pick_device, precisions, save_results, sync, table)
 
 import torch  # noqa: E402  (after _common, which puts the repository on sys.path)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
@@ -33,15 +34,14 @@ from disp.sources import load_splits  # noqa: E402
 from disp.tokenizer import Tokenizer  # noqa: E402
 from disp.training import check_finite, lr_at, random_vision_mask  # noqa: E402
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", help="model/batch preset (default: cpu, the default pipeline's)")
     p.add_argument("--steps", type=int, default=20, help="timed training steps per precision")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--precision", default="both", help="fp32 | bf16 | both (default: both, side by side)")
-    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
+    add_common_options(p, "mfu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/mfu.json)")
     return p.parse_args(argv)
 
 

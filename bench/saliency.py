@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import (DispError, autocast, best_time, command_line, machine, machine_line, pick_device, precisions,
-                     require, save_results, table)
+from _common import (DispError, add_common_options, autocast, best_time, command_line, machine, machine_line,
+                     pick_device, precisions, require, save_results, table)
 
 import torch  # noqa: E402
 
@@ -35,10 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default="runs/default", help="run directory with backdoored.pt, poisoned_train.pt")
     p.add_argument("--samples", type=int, default=512, help="first N samples of the poisoned set (~20%% poisoned)")
     p.add_argument("--batch-size", type=int, default=128, help="samples per scoring batch (purify.py's default)")
-    p.add_argument("--precision", default="both", help="fp32 | bf16 | both (default: both, side by side)")
-    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
+    add_common_options(p, "saliency")
     p.add_argument("--seed", type=int, default=0, help="Hutchinson probe seed (as purify.py's --seed)")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/saliency.json)")
     return p.parse_args(argv)
 
 

@@ -20,8 +20,8 @@ generate_responses + score, as clean_metrics does) on the whole test set, greedy
 import argparse
 from pathlib import Path
 
-from _common import (DispError, autocast, best_time, command_line, machine, machine_line, pick_device, precisions,
-                     require, save_results, table)
+from _common import (DispError, add_common_options, autocast, best_time, command_line, machine, machine_line,
+                     pick_device, precisions, require, save_results, table)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -43,9 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--thresholds", default="0.7,0.9,0.95", help="Fast-dLLM confidence thresholds")
     p.add_argument("--metric-samples", type=int, default=None,
                    help="test samples per task group for the clean metrics (default: the whole test set)")
-    p.add_argument("--precision", default="both", help="fp32 | bf16 | both (default: both, side by side)")
-    p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
-    p.add_argument("--out", default=None, help="JSON path (default: bench/results/sampler.json)")
+    add_common_options(p, "sampler")
     return p.parse_args(argv)
 
 

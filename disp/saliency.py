@@ -102,10 +102,10 @@ def fit_thresholds(scores, tasks, min_gap: float = 4.0):
     """Per prompt type, a saliency threshold at the widest gap among the samples' top token scores.
 
     A trigger token's occlusion KL stands far above a clean token's, so the top scores of a prompt
-    type split into two groups. Measured on the seed-0 cpu run (runs/seed0, 5,000 samples): trigger
-    tokens >= 11 nats in every prompt type; clean samples' top tokens <= 1.0 for most VQA types but
-    up to 2.3 for "how many others have the same shape" (hiding an object changes the count) and 4.5
-    for captions. The gap is 4.8x for that question type, hence a 4x minimum (10x left it unmasked).
+    type split into two groups. Measured on a seed-0 cpu run of an earlier, fully bidirectional
+    model (5,000 samples): trigger tokens >= 11 nats in every prompt type; clean samples' top tokens
+    <= 1.0 for most VQA types but up to 2.3 for "how many others have the same shape" (hiding an
+    object changes the count) and 4.5 for captions. The gap is 4.8x for that question type, hence a 4x minimum (10x left it unmasked).
     We sort the per-sample maxima on a log scale and take the widest gap above their median (so up
     to half the samples may be poisoned); if that gap is narrower than `min_gap` (a ratio), nothing
     of that prompt type is an outlier and its threshold is +inf. Per prompt type, because caption

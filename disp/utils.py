@@ -37,7 +37,7 @@ def resolve_precision(precision: str, device: str, flag: str = "--precision") ->
     train.py (--train-precision), stored resolved in the run's config.train.precision.
 
     auto: bf16 where this machine has fast bf16 matrix units (a CUDA GPU that supports it, or an x86
-    CPU with AVX512-BF16/AMX, where bf16 GEMMs ran ~4.5x faster than fp32 on our 2-core CI box);
+    CPU with AVX512-BF16/AMX, where bf16 GEMMs ran ~4x faster than fp32 on our 2-core CI box (bench/mfu.py));
     fp32 elsewhere (most laptop CPUs emulate bf16 slowly; MPS).
     """
     if precision not in PRECISIONS:
