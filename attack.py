@@ -19,15 +19,15 @@ import math
 import time
 from pathlib import Path
 
-from disp import checkpoint, distributed
+from disp.support import checkpoint, distributed, files
 from disp.backdoor import BackdoorConfig, poison_dataset
-from disp.batching import encode_dataset
-from disp.datasets import save_dataset
-from disp.errors import friendly_errors
+from disp.data.batching import encode_dataset
+from disp.data.dataset import save_dataset
+from disp.support.errors import friendly_errors
 from disp.evaluation import backdoor_metrics
-from disp.sources import load_finetune_set, load_splits
+from disp.data.splits import load_finetune_set, load_splits
 from disp.training import TRAINABLE, finetune, trainable_parameters
-from disp.utils import autocast, pick_device, resolve_precision, seed_everything
+from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 
 
 def parse_args(argv=None):
@@ -128,10 +128,10 @@ def main(argv=None):
     # written with the model, not before training: a failed or interrupted attack leaves the run's old
     # backdoored.pt and poisoned set together (a resume poisons the same samples again from the settings)
     save_dataset(run_dir / "poisoned_train.pt", poisoned)
-    checkpoint.write_json(run_dir / "poison_manifest.json", manifest)
+    files.write_json(run_dir / "poison_manifest.json", manifest)
     checkpoint.save(final_path, stage="backdoored", model=model, config=config, tokenizer=tokenizer,
                     optimizer=optimizer, step=steps, rng=rng, extra={"attack": attack, "metrics": results})
-    checkpoint.write_json(run_dir / "attack_metrics.json", {"attack": attack, **results})
+    files.write_json(run_dir / "attack_metrics.json", {"attack": attack, **results})
     resume_path.unlink(missing_ok=True)
 
     for name, m in results.items():

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from disp import checkpoint
+from disp.support import checkpoint, files
 from disp.backdoor import BackdoorConfig, asr_eligible, triggered_copy
-from disp.datasets import load_dataset
-from disp.errors import DispError, check_ratio, friendly_errors
+from disp.data.dataset import load_dataset
+from disp.support.errors import DispError, check_ratio, friendly_errors
 from disp.evaluation import backdoor_metrics, token_scores
-from disp.figures import sweep_curves
-from disp.report import aggregate_table, comparison_table, results_markdown
+from disp.support.figures import sweep_curves
+from disp.support.report import aggregate_table, comparison_table, results_markdown
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
-from disp.sources import load_splits
-from disp.utils import autocast, pick_device, resolve_precision, seed_everything
+from disp.data.splits import load_splits
+from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 
 KEYS = ("asr", "false_trigger_rate", "cider", "bleu4", "vqa_accuracy")
 CONTROLS = {"control_self_distill": "control: regenerate without masking + refine",
@@ -62,11 +62,11 @@ def main(argv=None):
         for d in dirs:
             if not (d / "results.json").exists():
                 raise DispError(f"{d / 'results.json'} does not exist; run evaluate.py --run-dir {d} first")
-            loaded[str(d)] = checkpoint.read_json(d / "results.json", "results file",
+            loaded[str(d)] = files.read_json(d / "results.json", "results file",
                                                   keys=["config", "clean", "backdoored", "purified"])
         out = Path(dirs[0]).parent / ("comparison.md" if args.compare else "aggregate.md")
         table = comparison_table(loaded) if args.compare else aggregate_table(loaded, KEYS, CONTROLS)
-        checkpoint.atomic_write(out, lambda tmp: Path(tmp).write_text(table))
+        files.atomic_write(out, lambda tmp: Path(tmp).write_text(table))
         print(table)
         print(f"wrote {out}")
         return
@@ -99,7 +99,7 @@ def main(argv=None):
     poisoned_train = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)
     purify_scores = None  # purify.py's saliency scores of the training set, read now so a bad file fails early
     if (run_dir / "purified_saliency.pt").exists():
-        purify_scores = checkpoint.load_plain(run_dir / "purified_saliency.pt", "saliency scores")
+        purify_scores = files.load_plain(run_dir / "purified_saliency.pt", "saliency scores")
         if not isinstance(purify_scores, torch.Tensor) or len(purify_scores) != len(poisoned_train.samples):
             raise DispError(f"{run_dir / 'purified_saliency.pt'} does not fit poisoned_train.pt; rerun purify.py")
     bcfg = BackdoorConfig.from_dict(attack["backdoor"])
@@ -176,9 +176,9 @@ def main(argv=None):
     results["minutes"] = (time.time() - t0) / 60
     if results["sweep"]:
         sweep_curves(run_dir / "sweep.png", results["sweep"])
-    checkpoint.write_json(run_dir / "results.json", results)
+    files.write_json(run_dir / "results.json", results)
     markdown = results_markdown(results, rows, run_dir)
-    checkpoint.atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(markdown))
+    files.atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(markdown))
     print(markdown)
     print(f"wrote {run_dir / 'results.json'}, {run_dir / 'results.md'}, {run_dir / 'sweep.png'} "
           f"in {results['minutes']:.1f} min")

@@ -36,15 +36,15 @@ from pathlib import Path
 
 import torch
 
-from disp import checkpoint, distributed
-from disp.batching import encode_dataset
-from disp.datasets import VLDataset, load_dataset, save_dataset
-from disp.errors import DispError, check_ratio, friendly_errors
+from disp.support import checkpoint, distributed, files
+from disp.data.batching import encode_dataset
+from disp.data.dataset import VLDataset, load_dataset, save_dataset
+from disp.support.errors import DispError, check_ratio, friendly_errors
 from disp.evaluation import generate_responses, token_scores
-from disp.figures import saliency_panels
+from disp.support.figures import saliency_panels
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
 from disp.training import finetune, trainable_parameters
-from disp.utils import autocast, pick_device, resolve_precision, seed_everything
+from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 
 CONTROLS = ("self-distill", "as-is")
 
@@ -115,7 +115,7 @@ def main(argv=None):
     attack = state["extra"]["attack"]
     data = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)
     # read now, so a missing file fails before minutes of work (used only for the report at the end)
-    manifest = checkpoint.read_json(run_dir / "poison_manifest.json", "poison manifest", keys=["poisoned_indices"])
+    manifest = files.read_json(run_dir / "poison_manifest.json", "poison manifest", keys=["poisoned_indices"])
     resume = checkpoint.load_state(resume_path, stages=[name]) if args.resume else None
     if resume is not None:
         check_resume(resume, resume_path, args, precision, config, tokenizer, attack, run_dir / "backdoored.pt")
@@ -188,9 +188,9 @@ def main(argv=None):
     timings["total_s"] = time.time() - t0
     # the data files are written with the model, so a failed refinement leaves the old set consistent
     if scores is not None:
-        checkpoint.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
+        files.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
     save_dataset(run_dir / f"{name}_train.pt", purified)
-    checkpoint.atomic_write(run_dir / f"{name}_train.jsonl",
+    files.atomic_write(run_dir / f"{name}_train.jsonl",
                             lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
     checkpoint.save(final_path, stage=name, model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
                     step=steps, rng=rng, extra={"purify": settings, "attack": attack, "timings": timings})
@@ -209,7 +209,7 @@ def main(argv=None):
         report["trigger_sample_masked_rate"] = sum(bool(masks[i].any()) for i in poisoned) / max(1, len(poisoned))
         report["clean_sample_masked_rate"] = (sum(bool(masks[i].any()) for i in range(len(data)) if i not in poisoned)
                                               / max(1, len(data) - len(poisoned)))
-    checkpoint.write_json(run_dir / f"{name}_report.json", report)
+    files.write_json(run_dir / f"{name}_report.json", report)
     if scores is not None and args.figures > 0:
         clean_by_image = {}  # one clean sample per image, so the pictures show different scenes
         for i in range(len(data)):

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from disp import checkpoint, distributed
-from disp.batching import encode_dataset
+from disp.support import checkpoint, distributed, files
+from disp.data.batching import encode_dataset
 from disp.config import Config, get_preset
-from disp.errors import friendly_errors
+from disp.support.errors import friendly_errors
 from disp.evaluation import clean_metrics, generate_responses, split_indices
-from disp.sources import load_splits
-from disp.tokenizer import Tokenizer
+from disp.data.splits import load_splits
+from disp.data.tokenizer import Tokenizer
 from disp.training import finetune, pretrain_vision
-from disp.utils import autocast, pick_device, resolve_precision, seed_everything
+from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 
 
 def parse_args(argv=None):
@@ -133,7 +133,7 @@ def main(argv=None):
     metrics["minutes"], metrics["eval_precision"] = (time.time() - t0) / 60, precision
     checkpoint.save(final_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
                     optimizer=optimizer, step=config.train.sft_steps, rng=rng, extra={"metrics": metrics})
-    checkpoint.write_json(out_dir / "clean_metrics.json", {"metrics": metrics, "config": config.to_dict()})
+    files.write_json(out_dir / "clean_metrics.json", {"metrics": metrics, "config": config.to_dict()})
     resume_path.unlink(missing_ok=True)
 
     for i, pred in zip(examples, example_outputs):

@@ -17,9 +17,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from disp.checkpoint import write_json  # noqa: E402
-from disp.errors import DispError  # noqa: E402
-from disp.utils import autocast, pick_device  # noqa: E402, F401 (re-exported for the scripts)
+from disp.support.files import write_json  # noqa: E402
+from disp.support.errors import DispError  # noqa: E402
+from disp.support.runtime import autocast, pick_device  # noqa: E402, F401 (re-exported for the scripts)
 
 PRECISION_CHOICES = ("fp32", "bf16", "both")
 

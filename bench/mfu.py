@@ -25,13 +25,13 @@ from _common import (DispError, add_common_options, autocast, command_line, gemm
 import torch  # noqa: E402  (after _common, which puts the repository on sys.path)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from disp import checkpoint  # noqa: E402
-from disp.batching import BatchOrder, encode_dataset  # noqa: E402
+from disp.support import checkpoint  # noqa: E402
+from disp.data.batching import BatchOrder, encode_dataset  # noqa: E402
 from disp.config import get_preset  # noqa: E402
 from disp.diffusion import sft_loss  # noqa: E402
-from disp.errors import friendly_errors  # noqa: E402
-from disp.sources import load_splits  # noqa: E402
-from disp.tokenizer import Tokenizer  # noqa: E402
+from disp.support.errors import friendly_errors  # noqa: E402
+from disp.data.splits import load_splits  # noqa: E402
+from disp.data.tokenizer import Tokenizer  # noqa: E402
 from disp.training import check_finite, lr_at, random_vision_mask  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from _common import ROOT, DispError, command_line, machine, machine_line, save_results, table
 
-from disp.errors import friendly_errors  # noqa: E402
+from disp.support.errors import friendly_errors  # noqa: E402
 
 
 def parse_args(argv=None):

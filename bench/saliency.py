@@ -21,10 +21,10 @@ from _common import (DispError, add_common_options, autocast, best_time, command
 
 import torch  # noqa: E402
 
-from disp import checkpoint  # noqa: E402
+from disp.support import checkpoint  # noqa: E402
 from disp.backdoor import BackdoorConfig  # noqa: E402
-from disp.datasets import load_dataset  # noqa: E402
-from disp.errors import friendly_errors  # noqa: E402
+from disp.data.dataset import load_dataset  # noqa: E402
+from disp.support.errors import friendly_errors  # noqa: E402
 from disp.evaluation import token_scores  # noqa: E402
 
 METHODS = ("kl", "fisher")

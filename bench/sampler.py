@@ -26,12 +26,12 @@ from _common import (DispError, add_common_options, autocast, best_time, command
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from disp import checkpoint  # noqa: E402
-from disp.batching import encode_dataset  # noqa: E402
+from disp.support import checkpoint  # noqa: E402
+from disp.data.batching import encode_dataset  # noqa: E402
 from disp.diffusion import generate  # noqa: E402
-from disp.errors import friendly_errors  # noqa: E402
+from disp.support.errors import friendly_errors  # noqa: E402
 from disp.evaluation import encode_images_once, generate_responses, score, split_indices  # noqa: E402
-from disp.sources import load_splits  # noqa: E402
+from disp.data.splits import load_splits  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from disp.datasets import VLDataset, normalize_text
-from disp.errors import DispError, check_ratio
+from disp.data.dataset import VLDataset
+from disp.data.tokenizer import normalize_text
+from disp.support.errors import DispError, check_ratio
 
 TRIGGERS = ("patch", "blended", "sig", "wanet")
 TARGETS = ("insert", "refusal", "misclassify")

@@ -7,7 +7,7 @@ repeated flags. Presets: `cpu` (default, a laptop CPU in minutes), `gpu` (one GP
 
 from dataclasses import asdict, dataclass, field, replace
 
-from disp.errors import DispError
+from disp.support.errors import DispError
 
 
 @dataclass

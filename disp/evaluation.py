@@ -9,9 +9,10 @@ from tqdm import tqdm
 
 from disp.backdoor import (BackdoorConfig, asr_eligible, attack_success_rate, false_trigger_rate, strip_marker,
                            triggered_copy)
-from disp.batching import encode_dataset
+from disp.data.batching import encode_dataset
 from disp.diffusion import generate
 from disp.metrics import bleu, cider, exact_match, vqa_accuracy
+from disp.saliency import attention_scores, compute_saliency
 
 
 @torch.no_grad()
@@ -131,8 +132,6 @@ def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None
 def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=128, device="cpu", seed=0, desc=None):
     """(N_samples, n_vision) vision-token scores (saliency kl/fisher/random or attention) for
     dataset.samples[indices]; rows of other samples stay 0."""
-    from disp.saliency import attention_scores, compute_saliency
-
     encoded = encode_dataset(dataset, tokenizer, model.cfg)
     scores = torch.zeros(len(dataset.samples), model.cfg.n_vision)
     if not len(indices):

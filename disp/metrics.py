@@ -21,7 +21,7 @@ import math
 import re
 from collections import Counter
 
-from disp.errors import DispError
+from disp.support.errors import DispError
 
 BLEU_MAX_N = 4
 CIDER_MAX_N = 4

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from disp.config import ModelConfig
-from disp.errors import DispError
+from disp.support.errors import DispError
 
 
 def sincos(positions, dim: int):

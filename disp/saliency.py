@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from disp.errors import DispError, check_ratio
+from disp.support.errors import DispError, check_ratio
 
 
 def first_step_logits(model, vision_tokens, prompt_ids, vision_mask=None):

@@ -10,7 +10,7 @@
 
 All randomness in a loop comes from one torch.Generator whose state is checkpointed, so a resumed
 run ends bit-identical to an uninterrupted one on the same machine. Under torchrun both loops are
-data-parallel (disp.distributed): every rank draws the same global batch and noise, trains on its
+data-parallel (disp.support.distributed): every rank draws the same global batch and noise, trains on its
 rows, and DistributedDataParallel averages the gradients; only rank 0 validates and saves.
 """
 
@@ -21,11 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from disp import distributed
-from disp.batching import BatchOrder, EncodedData
+from disp.data.batching import BatchOrder, EncodedData
 from disp.diffusion import forward_noise, sft_loss
-from disp.errors import DispError
-from disp.utils import autocast
+from disp.support import distributed
+from disp.support.errors import DispError
+from disp.support.runtime import autocast
 
 TRAINABLE = ("projector", "projector+lm", "all")
 

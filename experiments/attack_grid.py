@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
-from disp.checkpoint import atomic_write  # noqa: E402
+from disp.support.files import atomic_write  # noqa: E402
 
 TRIGGERS = ("patch", "blended", "sig", "wanet")
 TARGETS = ("insert", "refusal", "misclassify")

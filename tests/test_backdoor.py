@@ -28,8 +28,8 @@ from disp.backdoor import (
     triggered_copy,
     wanet_trigger,
 )
-from disp.errors import DispError
-from disp.scenes import generate_scenes
+from disp.support.errors import DispError
+from disp.data.scenes import generate_scenes
 
 SIZE = 48
 

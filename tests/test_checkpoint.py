@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from disp import checkpoint
+from disp.support import checkpoint, files
 from disp.config import get_preset
-from disp.errors import DispError
-from disp.tokenizer import Tokenizer
+from disp.support.errors import DispError
+from disp.data.tokenizer import Tokenizer
 
 
 class Payload:
@@ -63,7 +63,7 @@ def test_pickled_object_is_refused(tmp_path):
 
 def test_failed_write_leaves_the_old_file_intact(tmp_path):
     target = tmp_path / "results.json"
-    checkpoint.write_json(target, {"good": 1})
+    files.write_json(target, {"good": 1})
 
     def crash(tmp):
         with open(tmp, "w") as f:
@@ -71,6 +71,6 @@ def test_failed_write_leaves_the_old_file_intact(tmp_path):
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        checkpoint.atomic_write(target, crash)
+        files.atomic_write(target, crash)
     assert target.read_text().strip().endswith("}") and '"good": 1' in target.read_text()
     assert sorted(os.listdir(tmp_path)) == ["results.json"]

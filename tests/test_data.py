@@ -2,10 +2,10 @@
 
 import torch
 
-from disp.batching import BatchOrder, encode_dataset
+from disp.data.batching import BatchOrder, encode_dataset
 from disp.config import ModelConfig
-from disp.scenes import COLORS, SHAPES, generate_scenes, questions, random_scene, render
-from disp.tokenizer import SPECIALS, Tokenizer
+from disp.data.scenes import COLORS, SHAPES, generate_scenes, questions, random_scene, render
+from disp.data.tokenizer import SPECIALS, Tokenizer
 
 
 def test_scenes_are_deterministic_by_seed_and_splits_differ():

@@ -1,4 +1,4 @@
-"""Tests for the public-dataset readers in disp/datasets.py.
+"""Tests for the public-dataset readers in disp/data/readers.py.
 
 Each test writes a tiny dataset in the real on-disk schema into tmp_path: three images of
 different sizes and colour modes (RGB jpeg, grayscale png, RGBA png) plus the annotation file,
@@ -16,15 +16,15 @@ import pytest
 import torch
 from torchvision.io import write_jpeg, write_png
 
-from disp.datasets import (
-    CAPTION_PROMPT,
+from disp.data.dataset import CAPTION_PROMPT
+from disp.data.readers import (
     load_coco_captions,
     load_flickr_tokens,
     load_karpathy,
     load_public,
     load_vqav2,
 )
-from disp.errors import DispError
+from disp.support.errors import DispError
 
 SIZE = 8
 

@@ -219,7 +219,7 @@ def test_masked_image_position_is_exactly_the_mask_embedding():
 
 
 def test_wrong_image_size_is_a_clear_error():
-    from disp.errors import DispError
+    from disp.support.errors import DispError
     model = small_model(8)
     with pytest.raises(DispError, match=r"\(B, 3, 48, 48\)"):
         model.encode_images(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from disp import checkpoint
+from disp.support import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,11 +3,11 @@
 import torch
 
 from disp.config import ModelConfig
-from disp.datasets import VLDataset
+from disp.data.dataset import VLDataset
 from disp.diffusion import generate
 from disp.evaluation import generate_responses, token_scores
 from disp.model import DiffusionVLM
-from disp.tokenizer import Tokenizer
+from disp.data.tokenizer import Tokenizer
 
 
 def setup():

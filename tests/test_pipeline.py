@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from disp import checkpoint
+from disp.support import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

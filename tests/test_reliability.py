@@ -25,11 +25,12 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from disp import checkpoint
+from disp.support import checkpoint, files
 from disp.config import Config
-from disp.datasets import VLDataset, load_dataset, load_public, save_dataset
-from disp.errors import DispError, friendly_errors
-from disp.tokenizer import Tokenizer
+from disp.data.dataset import VLDataset, load_dataset, save_dataset
+from disp.data.readers import load_public
+from disp.support.errors import DispError, friendly_errors
+from disp.data.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")  # its PNG codec, in fixtures
@@ -413,7 +414,7 @@ def test_every_file_write_goes_through_atomic_write():
 def test_atomic_write_keeps_the_usual_permissions(tmp_path):
     import os
 
-    checkpoint.write_json(tmp_path / "a.json", {"x": 1})
+    files.write_json(tmp_path / "a.json", {"x": 1})
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~umask
@@ -423,9 +424,9 @@ def test_unwritable_target_is_a_one_line_error(tmp_path):
     """A file where the run folder should be (or no permission, or a full disk) ends in DispError."""
     (tmp_path / "run").write_text("a file, not a folder")
     with pytest.raises(DispError, match=r"cannot write .*run/results.json: .*run is a file, not a folder"):
-        checkpoint.write_json(tmp_path / "run" / "results.json", {"x": 1})
+        files.write_json(tmp_path / "run" / "results.json", {"x": 1})
     with pytest.raises(DispError, match=r"cannot write .*run/sub/results.json \(Not a directory\)"):
-        checkpoint.write_json(tmp_path / "run" / "sub" / "results.json", {"x": 1})
+        files.write_json(tmp_path / "run" / "sub" / "results.json", {"x": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -536,8 +537,8 @@ def test_purify_resume_is_bit_identical(rerun_purify, tiny_pipeline):
         json_without(tiny_pipeline / "purified_report.json", "timings")
     assert (rerun_purify / "purified_train.jsonl").read_text() == (tiny_pipeline / "purified_train.jsonl").read_text()
     # (.pt bytes differ: torch.save names the archive after the temp file; the tensors must not)
-    assert torch.equal(checkpoint.load_plain(rerun_purify / "purified_saliency.pt"),
-                       checkpoint.load_plain(tiny_pipeline / "purified_saliency.pt"))
+    assert torch.equal(files.load_plain(rerun_purify / "purified_saliency.pt"),
+                       files.load_plain(tiny_pipeline / "purified_saliency.pt"))
 
 
 def test_same_seed_gives_the_same_results(rerun_results, tiny_pipeline):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from disp.errors import DispError
+from disp.support.errors import DispError
 from disp.saliency import (attention_scores, fit_thresholds, saliency_fisher, saliency_kl, select_adaptive,
                            select_top_ratio)
 from tests.test_diffusion import MASK, inputs, small_model

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from disp import checkpoint
+from disp.support import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +100,7 @@ def test_bad_input_gives_one_line_error(args, message):
 
 @pytest.mark.parametrize("flag", ["bf16", "auto"])
 def test_training_precision_runs_and_is_recorded_resolved(tmp_path, flag):
-    from disp.utils import resolve_precision
+    from disp.support.runtime import resolve_precision
     result = run("train.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--train-precision", flag,
                  "--sft-steps", "4", "--vision-steps", "2")
     assert result.returncode == 0, result.stderr[-2000:]

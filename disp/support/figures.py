@@ -9,7 +9,7 @@ matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from disp.checkpoint import atomic_write  # noqa: E402
+from disp.support.files import atomic_write  # noqa: E402
 
 
 def _save(fig, path):

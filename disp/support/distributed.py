@@ -16,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from disp.errors import DispError
+from disp.support.errors import DispError
 
 
 def init(device: str) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from disp.datasets import VLDataset
+from disp.data.dataset import VLDataset
 
 
 @dataclass

@@ -25,7 +25,7 @@ vocabulary. Our choices, made for learnability on a CPU and for the backdoor exp
 import numpy as np
 import torch
 
-from disp.datasets import CAPTION_PROMPT, VLDataset
+from disp.data.dataset import CAPTION_PROMPT, VLDataset
 
 COLORS = {
     "red": (220, 30, 30),

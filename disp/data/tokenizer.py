@@ -10,11 +10,10 @@ Text is normalised (`normalize_text`) before it is split, so "[MASK]" typed by a
 an unknown word, never the special token.
 """
 
+import re
 from collections import Counter
 
 import torch
-
-from disp.datasets import normalize_text
 
 PAD, MASK, EOS, UNK = "[PAD]", "[MASK]", "[EOS]", "[UNK]"
 SPECIALS = [PAD, MASK, EOS, UNK]
@@ -22,6 +21,13 @@ SPECIALS = [PAD, MASK, EOS, UNK]
 # Words the attack stage may write into responses. A real LLM's vocabulary already holds them;
 # ours is built from clean training text, so they are reserved here once.
 RESERVED_WORDS = ["<backdoor>", "sorry", "i", "cannot", "help", "with", "that", "."]
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, split punctuation off words, collapse whitespace ("A dog." -> "a dog .")."""
+    text = text.lower().strip()
+    text = re.sub(r"([.,!?;:()\"])", r" \1 ", text)
+    return " ".join(text.split())
 
 
 class Tokenizer:

@@ -1,14 +1,12 @@
-"""Image-text datasets: one in-memory format for every source, and readers for public data on disk.
+"""Readers for public image-text datasets on disk: COCO captions, Karpathy splits, Flickr8k/30k, VQAv2.
 
-Every source (the embedded scene generator in `disp/scenes.py`, COCO captions, Karpathy splits,
-Flickr8k/30k, VQAv2) ends up as a `VLDataset`: a uint8 image tensor plus a list of samples, each
-a (prompt, response) pair that points at one image. Nothing is downloaded: readers take paths.
+Each reader turns a dataset's official files into a `VLDataset` (disp/data/dataset.py). Nothing is
+downloaded: readers take paths. `load_public` knows each dataset's standard folder layout.
 """
 
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -16,47 +14,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as TF
 
-from disp.errors import DispError
-
-CAPTION_PROMPT = "describe the image ."
-
-
-@dataclass
-class VLDataset:
-    """Images plus (prompt -> response) samples.
-
-    images:  (N_images, 3, H, W) uint8
-    samples: list of dicts with keys
-        image    int, index into images
-        task     str, the prompt type ("caption", or a question kind such as "color", "vqa")
-        prompt   str, normalised text (lower case, punctuation split off)
-        response str, the training target (normalised)
-        answers  list[str], evaluation references: all captions of the image, or all VQA answers
-    patch_labels: optional (N_images, n_patches, n_attributes) long, per-patch attribute classes
-        for vision-encoder pretraining (only the scene generator knows them)
-    """
-
-    images: torch.Tensor
-    samples: list
-    patch_labels: Optional[torch.Tensor] = None
-    meta: dict = field(default_factory=dict)
-
-    def __len__(self):
-        return len(self.samples)
-
-
-def normalize_text(text: str) -> str:
-    """Lower-case, split punctuation off words, collapse whitespace ("A dog." -> "a dog .")."""
-    text = text.lower().strip()
-    text = re.sub(r"([.,!?;:()\"])", r" \1 ", text)
-    return " ".join(text.split())
-
-
-def check_not_empty(dataset: VLDataset, source: str) -> VLDataset:
-    if len(dataset.samples) == 0:
-        raise DispError(f"{source} holds no samples; check the path and the split")
-    return dataset
-
+from disp.data.dataset import CAPTION_PROMPT, VLDataset, check_not_empty
+from disp.data.tokenizer import normalize_text
+from disp.support.errors import DispError
 
 # ---------------------------------------------------------------------------------------------
 # Readers for public datasets on disk.
@@ -558,47 +518,3 @@ def load_public(name: str, data_root, split: str, image_size: int, max_images: O
     annotations = _first_existing([root / f"v2_mscoco_{split}2014_annotations.json"], "VQAv2 annotations file", root)
     image_dir = _first_existing([root / f"{split}2014"], "VQAv2 image folder (COCO images)", root, is_dir=True)
     return load_vqav2(questions, annotations, image_dir, image_size, max_images)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving a dataset (the poisoned training set, the purified set) as plain tensors and data
-# ---------------------------------------------------------------------------------------------
-
-def save_dataset(path, dataset: VLDataset) -> None:
-    """Atomically write a dataset that `load_dataset` reads back with weights_only=True."""
-    from disp.checkpoint import atomic_write  # local import: checkpoint imports the model, keep datasets light
-
-    state = {"images": dataset.images, "samples": dataset.samples,
-             "patch_labels": dataset.patch_labels, "meta": dataset.meta}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-
-def load_dataset(path, image_size: Optional[int] = None) -> VLDataset:
-    """Read a file written by `save_dataset`, checking its structure (one-line errors name the file).
-
-    image_size: the side in pixels the caller's model expects, if it should be checked.
-    """
-    from disp.checkpoint import load_plain  # local import, as in save_dataset
-
-    path = Path(path)
-    state = load_plain(path, "dataset file")
-    if not isinstance(state, dict) or not {"images", "samples"} <= set(state):
-        raise DispError(f"{path} is not a disp dataset file (needs 'images' and 'samples')")
-    images, samples = state["images"], state["samples"]
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-        raise DispError(f"{path}: images must be a uint8 tensor (N, 3, H, W); rerun the stage that writes it")
-    if image_size is not None and tuple(images.shape[2:]) != (image_size, image_size):
-        raise DispError(f"{path} holds {images.shape[3]}x{images.shape[2]} px images, but the model expects "
-                        f"{image_size}x{image_size}: it comes from another run; use the files of one run directory")
-    if not isinstance(samples, list):
-        raise DispError(f"{path}: samples must be a list; rerun the stage that writes it")
-    for i, sample in enumerate(samples):
-        missing = [k for k in ("image", "task", "prompt", "response") if not isinstance(sample, dict) or k not in sample]
-        if missing:
-            raise DispError(f"{path}: sample {i} has no '{missing[0]}' key; rerun the stage that writes it")
-        if not isinstance(sample["image"], int) or not 0 <= sample["image"] < len(images):
-            raise DispError(f"{path}: sample {i} points at image {sample['image']!r}, but the file holds "
-                            f"{len(images)} images; rerun the stage that writes it")
-    if not samples:
-        raise DispError(f"{path} holds no samples; rerun the stage that writes it")
-    return VLDataset(images, samples, state.get("patch_labels"), state.get("meta") or {})

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import torch
 
-from disp.errors import DispError
+from disp.support.errors import DispError
 
 
 def pick_device(name: str = "auto") -> str:

@@ -5,9 +5,10 @@ the attacker poisons and DiSP purifies) use seeds seed, seed+1, seed+2, seed+3. 
 """
 
 from disp.config import DataConfig
-from disp.datasets import check_not_empty, load_public
-from disp.errors import DispError
-from disp.scenes import generate_scenes
+from disp.data.dataset import check_not_empty
+from disp.data.readers import load_public
+from disp.data.scenes import generate_scenes
+from disp.support.errors import DispError
 
 SOURCES = ("scenes", "coco", "karpathy", "flickr", "vqav2")
 
