@@ -1,14 +1,20 @@
 """Stage 4: the results table, the test-time defences, the mask-ratio sweep, the controls, the figures.
 
-    python evaluate.py                                   # runs/default -> results.json, results.md, PNGs
-    python evaluate.py --compare runs/default,runs/vit-attack,runs/projector-attack
-    python evaluate.py --aggregate runs/seed0,runs/seed1,runs/seed2
+    python evaluate.py                                   # runs/default
+    python evaluate.py --run-dir runs/seed1 --skip-ablations
+    python evaluate.py --compare runs/default,runs/vit-attack,runs/projector-attack   # -> runs/comparison.md
+    python evaluate.py --aggregate runs/seed0,runs/seed1,runs/seed2                   # -> runs/aggregate.md
 
-Reads clean.pt, backdoored.pt, purified.pt (and the control_*.pt that exist) of a run directory and
-measures each on the held-out test set: ASR on triggered inputs, false-trigger rate, clean caption
-CIDEr-D / BLEU-4 and VQA accuracy. On the backdoored model it also tries masking at inference only
-(no refinement): saliency masking (kl, fisher; fixed ratio and the adaptive rule), random masking,
-and CleanSight-style attention pruning; and sweeps the mask ratio for kl vs random selection.
+Reads clean.pt, backdoored.pt, purified.pt (and the control_*.pt that exist) of a run directory,
+checks that they belong together (each checkpoint records the sha256 of the files it was made
+from), and measures each on the held-out test set: ASR on triggered inputs, false-trigger rate,
+clean caption CIDEr-D / BLEU-4 and VQA accuracy. On the backdoored model it also tries masking at
+inference only (no refinement): saliency masking (kl, fisher; fixed ratio and the adaptive rule),
+random masking, and CleanSight-style attention pruning; and sweeps the mask ratio for kl vs random
+selection. Precision: the attack's unless --precision is given. Writes, in the run directory:
+    results.json   every number above, with the settings
+    results.md     the same as tables, with example outputs
+    sweep.png      ASR and clean quality against the mask ratio (not with --skip-ablations)
 """
 
 import argparse
@@ -17,36 +23,36 @@ from pathlib import Path
 
 import torch
 
-from disp.support import checkpoint, files
-from disp.backdoor import BackdoorConfig, asr_eligible, triggered_copy
+from disp.backdoor import asr_eligible, triggered_copy
+from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig
 from disp.data.dataset import load_dataset
-from disp.support.errors import DispError, check_ratio, friendly_errors
+from disp.data.splits import load_splits
 from disp.evaluation import backdoor_metrics, token_scores
+from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
+from disp.support import checkpoint, files
+from disp.support.errors import DispError, check_positive, check_ratio, friendly_errors
 from disp.support.figures import sweep_curves
 from disp.support.report import aggregate_table, comparison_table, results_markdown
-from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
-from disp.data.splits import load_splits
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 
 KEYS = ("asr", "false_trigger_rate", "cider", "bleu4", "vqa_accuracy")
-CONTROLS = {"control_self_distill": "control: regenerate without masking + refine",
-            "control_as_is": "control: refine on the poisoned set as-is"}
+# results.json key of each control -> its row in the tables
+CONTROL_ROWS = {PurifyConfig(control=c).stage: label for c, label in CONTROLS.items()}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/default", help="run directory to evaluate")
+    p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--mask-ratio", type=float, default=0.05,
-                   help="fixed ratio for the test-time defences (0.05 of 36 tokens = 1 token)")
+                   help="fixed ratio of the test-time defences (default 0.05: 1 of 36 tokens)")
     p.add_argument("--sweep", default="0,0.03,0.1,0.2,0.3,0.45,0.6,0.9", help="mask ratios of the sweep")
-    p.add_argument("--eval-samples", type=int, default=None, help="test samples for the main rows (default: all)")
-    p.add_argument("--ablation-samples", type=int, default=200, help="test samples for defences and the sweep")
+    p.add_argument("--eval-samples", type=int, default=None, help="test samples of the main rows (default: all)")
+    p.add_argument("--ablation-samples", type=int, default=200, help="test samples of the defences and the sweep")
     p.add_argument("--skip-ablations", action="store_true", help="only the main rows (for attack variants)")
     p.add_argument("--compare", default=None, help="comma-separated run dirs already evaluated: one table")
     p.add_argument("--aggregate", default=None, help="comma-separated run dirs (seeds): mean ± std table")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--precision", default="auto",
-                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16")
+    p.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: the attack's)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
     return p.parse_args(argv)
 
 
@@ -65,45 +71,49 @@ def main(argv=None):
             loaded[str(d)] = files.read_json(d / "results.json", "results file",
                                                   keys=["config", "clean", "backdoored", "purified"])
         out = Path(dirs[0]).parent / ("comparison.md" if args.compare else "aggregate.md")
-        table = comparison_table(loaded) if args.compare else aggregate_table(loaded, KEYS, CONTROLS)
+        table = comparison_table(loaded) if args.compare else aggregate_table(loaded, KEYS, CONTROL_ROWS)
         files.atomic_write(out, lambda tmp: Path(tmp).write_text(table))
         print(table)
         print(f"wrote {out}")
         return
 
     check_ratio("--mask-ratio", args.mask_ratio)
+    if args.eval_samples is not None:
+        check_positive("--eval-samples", args.eval_samples)
+    check_positive("--ablation-samples", args.ablation_samples)
     try:
         ratios = [check_ratio("sweep ratio", float(r)) for r in args.sweep.split(",")]
     except ValueError:
         raise DispError(f"--sweep must be comma-separated numbers in [0, 1], got {args.sweep!r}") from None
     run_dir, device = Path(args.run_dir), pick_device(args.device)
-    precision = resolve_precision(args.precision, device)
     seed_everything(0)
     t0 = time.time()
 
-    # --- models and data -----------------------------------------------------------------------
-    backdoored, tokenizer, config, b_state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"],
-                                                             device=device)
-    attack = b_state["extra"]["attack"]
+    # --- models and data, checked to belong to one run -----------------------------------------
+    backdoored_path = run_dir / "backdoored.pt"
+    backdoored, tokenizer, config, b_state = checkpoint.load(backdoored_path, stages=["backdoored"], device=device)
+    checkpoint.check_made_from(b_state, backdoored_path, run_dir, ["clean.pt", "poisoned_train.pt"])
+    attack = AttackConfig.from_dict(b_state["extra"]["attack"])
+    precision = resolve_precision(args.precision, device) if args.precision else attack.precision
 
-    def load_of_this_run(path, stage, made_by=None):  # refuses a checkpoint of another run (one-line error)
+    def load_of_this_run(stage):  # a checkpoint made from this run's backdoored.pt, or a one-line error
+        path = run_dir / f"{stage}.pt"
         model, _, _, state = checkpoint.load(path, stages=[stage], device=device)
-        checkpoint.check_same_model(state, path, config, tokenizer, run_dir / "backdoored.pt", attack=made_by)
+        checkpoint.check_made_from(state, path, run_dir, ["backdoored.pt"])
         return model, state
 
-    # the clean model the attack started from (attack variants share runs/default/clean.pt)
-    clean, _ = load_of_this_run(attack["clean_checkpoint"], "clean")
-    purified, p_state = load_of_this_run(run_dir / "purified.pt", "purified", attack)
-    controls = {name: load_of_this_run(run_dir / f"{name}.pt", name, attack)[0]
-                for name in CONTROLS if (run_dir / f"{name}.pt").exists()}
+    clean, *_ = checkpoint.load(run_dir / "clean.pt", stages=["clean"], device=device)
+    purified, p_state = load_of_this_run("purified")
+    settings = PurifyConfig.from_dict(p_state["extra"]["purify"])
+    controls = {name: load_of_this_run(name)[0] for name in CONTROL_ROWS if (run_dir / f"{name}.pt").exists()}
     poisoned_train = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)
     purify_scores = None  # purify.py's saliency scores of the training set, read now so a bad file fails early
-    if (run_dir / "purified_saliency.pt").exists():
+    if settings.control is None and "purified_saliency.pt" in p_state["made_from"]:
         purify_scores = files.load_plain(run_dir / "purified_saliency.pt", "saliency scores")
-        if not isinstance(purify_scores, torch.Tensor) or len(purify_scores) != len(poisoned_train.samples):
-            raise DispError(f"{run_dir / 'purified_saliency.pt'} does not fit poisoned_train.pt; rerun purify.py")
-    bcfg = BackdoorConfig.from_dict(attack["backdoor"])
-    settings = p_state["extra"]["purify"]
+        checkpoint.check_made_from(p_state, run_dir / "purified.pt", run_dir, ["purified_saliency.pt"])
+    bcfg = attack.backdoor
+    if config.preset == "tiny":
+        print(TINY_NOTE)
     _, _, test = load_splits(config.data, config.model.image_size)
     triggered = triggered_copy(test, bcfg)
 
@@ -113,21 +123,24 @@ def main(argv=None):
                                                       triggered=triggered, desc=desc, return_predictions=True, **masks)
         return m, trig_out
 
-    def scores(data, indices, method, desc=None):  # vision-token scores of the backdoored model
+    def scores(data, indices, method, desc=None):
+        """(N_samples, n_vision) scores of the backdoored model; rows outside `indices` stay 0."""
+        full = torch.zeros(len(data.samples), config.model.n_vision)
         with autocast(device, precision):
-            return token_scores(backdoored, tokenizer, data, indices, method, device=device, desc=desc)
+            full[indices] = token_scores(backdoored, tokenizer, data, indices, method, device=device, desc=desc)
+        return full
 
     # --- main rows -----------------------------------------------------------------------------
     results = {"config": {"trigger": bcfg.trigger, "target": bcfg.target, "poison_rate": bcfg.poison_rate,
-                          "mask_ratio": args.mask_ratio, "saliency": settings["saliency"], "rule": settings["rule"],
-                          "seed": config.train.seed, "attack_trainable": b_state["extra"]["attack"]["trainable"],
+                          "mask_ratio": args.mask_ratio, "saliency": settings.saliency, "rule": settings.rule,
+                          "seed": config.train.seed, "attack_trainable": attack.trainable,
                           "preset": config.preset, "precision": precision}}
     rows, outputs = {}, {}
     for name, model in (("clean", clean), ("backdoored", backdoored), ("purified", purified)):
         m, outputs[name] = measure(model, name)
         results[name] = m
         rows[name] = summary(m)
-    for name, label in CONTROLS.items():
+    for name, label in CONTROL_ROWS.items():
         if name in controls:
             results[name] = measure(controls[name], name)[0]
             rows[label] = summary(results[name])
@@ -143,15 +156,15 @@ def main(argv=None):
         s_trig = scores(triggered, eligible, method)
         rules = {"ratio": lambda s: select_top_ratio(s, args.mask_ratio)}
         if method in ("kl", "fisher"):  # adaptive thresholds come from the (poisoned) training set, as in purify.py
-            if method == settings["saliency"] and purify_scores is not None:
+            if method == settings.saliency and purify_scores is not None:
                 train_scores = purify_scores
                 fit_idx = list(range(len(train_scores)))
             else:  # a sample of the training set is enough to place the gap
                 fit_idx = list(range(min(len(poisoned_train.samples), 400)))
                 train_scores = scores(poisoned_train, fit_idx, method)
             thresholds = fit_thresholds(train_scores[fit_idx], [poisoned_train.samples[i]["task"] for i in fit_idx],
-                                        settings["min_gap"])
-            rules["adaptive"] = lambda s: select_adaptive(s, tasks, thresholds, settings["max_masked"])
+                                        settings.min_gap)
+            rules["adaptive"] = lambda s: select_adaptive(s, tasks, thresholds, settings.max_masked)
         for rule, select in rules.items():
             label = f"test-time {method} masking ({rule})" if method != "attention" else "test-time CleanSight pruning (ratio)"
             m, trig_out = measure(backdoored, None, limit=len(subset), clean_masks=select(s_clean),
@@ -174,14 +187,20 @@ def main(argv=None):
                 for i in sorted(outputs["backdoored"])[:6]]
     results["examples"] = examples
     results["minutes"] = (time.time() - t0) / 60
-    if results["sweep"]:
-        sweep_curves(run_dir / "sweep.png", results["sweep"])
-    files.write_json(run_dir / "results.json", results)
+    written = [run_dir / "results.json", run_dir / "results.md"]
     markdown = results_markdown(results, rows, run_dir)
-    files.atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(markdown))
+    with files.one_unit():
+        files.write_json(run_dir / "results.json", results)
+        files.atomic_write(run_dir / "results.md", lambda tmp: Path(tmp).write_text(markdown))
+        if results["sweep"]:
+            sweep_curves(run_dir / "sweep.png", results["sweep"])
+            written.append(run_dir / "sweep.png")
+    if not results["sweep"]:  # a picture of an earlier evaluation would no longer match results.md
+        (run_dir / "sweep.png").unlink(missing_ok=True)
     print(markdown)
-    print(f"wrote {run_dir / 'results.json'}, {run_dir / 'results.md'}, {run_dir / 'sweep.png'} "
-          f"in {results['minutes']:.1f} min")
+    if config.preset == "tiny":
+        print(TINY_NOTE)
+    print(f"wrote {', '.join(str(w) for w in written)} in {results['minutes']:.1f} min")
 
 
 if __name__ == "__main__":

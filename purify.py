@@ -1,156 +1,162 @@
-"""Stage 3: DiSP self-purification, then refinement (METHOD.md §3-4).
+"""Stage 3: DiSP self-purification, then refinement (Wan et al. 2026, "Self-Purification Mitigates
+Backdoors in Multimodal Diffusion Language Models"; README, "How DiSP works").
 
     python purify.py                                  # adaptive rule, exact-KL saliency
     python purify.py --rule ratio --mask-ratio 0.3    # the paper's fixed-fraction rule
     python purify.py --control self-distill           # control: regenerate WITHOUT masking
     python purify.py --control as-is                  # control: refine on the poisoned set as it is
-    torchrun --nproc_per_node=2 purify.py             # data-parallel: ranks share scoring, generation, DDP
+    torchrun --nproc_per_node=2 purify.py             # data-parallel: ranks share scoring, generation, training
 
 The defender holds the compromised model (backdoored.pt) and the poisoned fine-tuning set
 (poisoned_train.pt); no trigger, no target, no clean data, no list of poisoned samples.
 1. For every sample: score the vision tokens by saliency at the first denoising step.
 2. Mask the selected tokens ([MASK] embedding at those image positions, chosen once per sample)
    and let the compromised model regenerate the response (greedy, steps = gen_length).
-3. Fine-tune the compromised model on the regenerated responses (about 1/5 of the attack's epochs).
+3. Fine-tune the compromised model on the regenerated responses (about 1/5 of the attack's epochs,
+   at 0.3x its learning rate).
 
-Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`). At our scale
-(36 vision tokens, objects spread over a few of them) that also hides an object of every clean
-image, and the refinement then learns wrong clean answers. The default `--rule adaptive` masks a
-token only when its saliency is an outlier for its prompt type (the defender knows each prompt):
-the samples' top token scores are split at their widest gap on a log scale, if that gap spans at
-least `--min-gap` (a ratio; see disp.saliency.fit_thresholds). A trigger token's occlusion KL sits
-well above any clean token's (>= 4.8x, up to 1000x, by prompt type, in a seed-0 run of an
-earlier, fully bidirectional model), so poisoned samples lose their trigger while clean samples
-are regenerated unmasked (and keep their answers).
+Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`). The default
+`--rule adaptive` masks a token only when its saliency is an outlier for its prompt type (the
+defender knows each prompt): see disp.saliency.fit_thresholds and the README for why.
 
-Writes purified.pt, purified_train.pt + purified_train.jsonl (original vs regenerated response and
-the masked tokens of every sample, for a person to read), purify_report.json, and saliency PNGs.
-Control runs write control_<name>.pt and control_<name>_report.json instead.
+Writes, in the run directory (NAME = purified, or control_self_distill / control_as_is for a
+control), the first four as one unit (the checkpoint records the data files' sha256):
+    NAME_saliency.pt    the saliency scores of every sample (DiSP only; evaluate.py reuses them)
+    NAME_train.pt       the purified fine-tuning set
+    NAME_train.jsonl    per sample: original and regenerated response, the masked tokens (to read)
+    NAME.pt             the refined model
+    NAME_report.json    settings, timings, and how well "the response changed" finds the poisoned
+                        samples (scored against the attack's manifest, after purification)
+    NAME_saliency.png   saliency heatmaps with the masked tokens (DiSP, --figures > 0)
+    NAME.resume.pt      while refining; removed at the end
 """
 
 import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from disp.support import checkpoint, distributed, files
+from disp.backdoor import check_manifest
+from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig, differences
 from disp.data.batching import encode_dataset
 from disp.data.dataset import VLDataset, load_dataset, save_dataset
-from disp.support.errors import DispError, check_ratio, friendly_errors
 from disp.evaluation import generate_responses, token_scores
+from disp.saliency import RULES, SALIENCY_METHODS, fit_thresholds, select_adaptive, select_top_ratio
+from disp.support import checkpoint, distributed, files
+from disp.support.errors import DispError, check_positive, friendly_errors
 from disp.support.figures import saliency_panels
-from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
-from disp.training import finetune, trainable_parameters
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
-
-CONTROLS = ("self-distill", "as-is")
+from disp.training import finetune, trainable_parameters
 
 
 def parse_args(argv=None):
+    d = PurifyConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run-dir", default="runs/default", help="run directory with backdoored.pt and poisoned_train.pt")
-    p.add_argument("--saliency", default="kl", help="kl (exact occlusion, default) | fisher (Hutchinson) | random")
-    p.add_argument("--rule", default="adaptive", help="adaptive (default) | ratio (the paper's fixed fraction)")
-    p.add_argument("--mask-ratio", type=float, default=0.3, help="--rule ratio: fraction of vision tokens masked")
-    p.add_argument("--min-gap", type=float, default=4.0,
-                   help="--rule adaptive: smallest ratio between outlier and normal top scores")
-    p.add_argument("--max-masked", type=int, default=2, help="--rule adaptive: at most this many tokens per sample")
+    p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--control", default=None, help=f"run a control instead of DiSP: {' | '.join(CONTROLS)}")
-    p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: attack epochs / 5)")
+    p.add_argument("--saliency", default=None, help=f"{' | '.join(SALIENCY_METHODS)} (default {d.saliency}: exact "
+                                                    f"occlusion KL; fisher: the release's Hutchinson estimate)")
+    p.add_argument("--rule", default=None, help=f"{' | '.join(RULES)} (default {d.rule}; ratio: the paper's fixed fraction)")
+    p.add_argument("--mask-ratio", type=float, default=None, help=f"rule ratio: fraction masked (default {d.mask_ratio})")
+    p.add_argument("--min-gap", type=float, default=None,
+                   help=f"rule adaptive: smallest ratio between outlier and normal top scores (default {d.min_gap})")
+    p.add_argument("--max-masked", type=int, default=None, help=f"rule adaptive: most tokens per sample (default {d.max_masked})")
+    p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: the attack's / 5)")
     p.add_argument("--lr", type=float, default=None,
                    help="refinement learning rate (default: 0.3x the attack's; at the attack's own rate even "
                         "refining on the unchanged data cost ~5 points of VQA accuracy)")
-    p.add_argument("--batch-size", type=int, default=128, help="samples per scoring / generation batch")
-    p.add_argument("--figures", type=int, default=6, help="saliency pictures to draw")
-    p.add_argument("--seed", type=int, default=0, help="seed for batch order, random/fisher saliency")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--precision", default="auto",
-                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16; "
-                        "training uses the run's (train.py --train-precision)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"samples per scoring / generation batch (default {d.batch_size})")
+    p.add_argument("--figures", type=int, default=6, help="saliency pictures to draw (0: none)")
+    p.add_argument("--seed", type=int, default=None, help="refinement batch order, fisher/random probes (default: the run's)")
+    p.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: the attack's)")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
     p.add_argument("--resume", action="store_true", help="continue an interrupted refinement")
     return p.parse_args(argv)
 
 
-def check_args(args):
-    if args.saliency not in ("kl", "fisher", "random"):
-        raise DispError(f"unknown --saliency '{args.saliency}'; choose one of: kl, fisher, random")
-    if args.rule not in ("adaptive", "ratio"):
-        raise DispError(f"unknown --rule '{args.rule}'; choose adaptive or ratio")
-    if args.control is not None and args.control not in CONTROLS:
-        raise DispError(f"unknown --control '{args.control}'; choose one of: {', '.join(CONTROLS)}")
-    check_ratio("--mask-ratio", args.mask_ratio)
-    if args.min_gap < 1:
-        raise DispError(f"--min-gap must be a ratio >= 1, got {args.min_gap}")
-
-
-def check_resume(resume, path, args, precision, config, tokenizer, attack, backdoored_path):
-    """A resume point continues only the run that made it: the same backdoored model and flags."""
-    checkpoint.check_same_model(resume, path, config, tokenizer, backdoored_path, attack=attack)
-    stored = resume["extra"].get("purify", {})
-    given = {"saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio, "min_gap": args.min_gap,
-             "max_masked": args.max_masked, "seed": args.seed, "precision": precision, "epochs": args.epochs,
-             "lr": args.lr}
-    for key, value in given.items():
-        if value is not None and key in stored and stored[key] != value:
-            raise DispError(f"{path} was made with --{key.replace('_', '-')} {stored[key]}, not {value}; "
-                            f"resume with the same flags, or rerun without --resume")
+def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
+    """`base` with the flags that were given applied, validated (before any work is done)."""
+    given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
+             "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": args.epochs, "lr": args.lr,
+             "batch_size": args.batch_size, "seed": args.seed,
+             "precision": resolve_precision(args.precision, device) if args.precision else None}
+    return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()
 
 
 def main(argv=None):
     args = parse_args(argv)
-    check_args(args)
+    check_positive("--figures", args.figures, allow_zero=True)
     run_dir = Path(args.run_dir)
-    name = "purified" if args.control is None else f"control_{args.control.replace('-', '_')}"
-    final_path, resume_path = run_dir / f"{name}.pt", run_dir / f"{name}.resume.pt"
     device = distributed.init(pick_device(args.device))  # a rank's device under torchrun
-    precision = resolve_precision(args.precision, device)
-    seed_everything(args.seed)
     t0 = time.time()
 
     # --- the defender's assets: the compromised model and the poisoned set -----------------------
-    model, tokenizer, config, state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"], device=device)
-    attack = state["extra"]["attack"]
+    backdoored_path = run_dir / "backdoored.pt"
+    model, tokenizer, config, state = checkpoint.load(backdoored_path, stages=["backdoored"], device=device)
+    attack = AttackConfig.from_dict(state["extra"]["attack"])
+    defaults = PurifyConfig(epochs=max(1, attack.epochs // 5), lr=0.3 * attack.lr, seed=config.train.seed,
+                            precision=attack.precision)
+    settings = purify_config(args, defaults, device)
+    name = settings.stage
+    final_path, resume_path = run_dir / f"{name}.pt", run_dir / f"{name}.resume.pt"
     data = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)
-    # read now, so a missing file fails before minutes of work (used only for the report at the end)
+    # read now, so a bad file fails before minutes of work (used only for the report at the end)
     manifest = files.read_json(run_dir / "poison_manifest.json", "poison manifest", keys=["poisoned_indices"])
+    checkpoint.check_made_from(state, backdoored_path, run_dir, ["poisoned_train.pt", "poison_manifest.json"])
+    check_manifest(manifest, len(data), run_dir / "poison_manifest.json")
+    made_from = {"backdoored.pt": files.sha256(backdoored_path)}
     resume = checkpoint.load_state(resume_path, stages=[name]) if args.resume else None
     if resume is not None:
-        check_resume(resume, resume_path, args, precision, config, tokenizer, attack, run_dir / "backdoored.pt")
-    tasks = [s["task"] for s in data.samples]
-    n_vision = config.model.n_vision
-    timings = {}
+        if (resume.get("made_from") or {}).get("backdoored.pt") != made_from["backdoored.pt"]:
+            raise DispError(f"{resume_path} was made from another {backdoored_path} (rewritten since, or from "
+                            f"another run); rerun without --resume")
+        stored = PurifyConfig.from_dict(resume["extra"]["purify"])
+        settings = purify_config(args, stored, device)
+        if differences(settings, stored):
+            field = differences(settings, stored)[0]
+            raise DispError(f"{resume_path} was made with --{field.replace('_', '-')} {getattr(stored, field)}, "
+                            f"not {getattr(settings, field)}; resume with the same flags, or rerun without --resume")
+    if config.preset == "tiny":
+        print(TINY_NOTE)
+    if distributed.is_main():
+        files.remove_stale_temp_files(run_dir)
+    seed_everything(settings.seed)
+    precision, tasks, timings = settings.precision, [s["task"] for s in data.samples], {}
+    every_sample = list(range(len(data)))
 
-    # --- 1-2. saliency, masking, regeneration -------------------------------------------------
+    # --- 1-2. saliency, masking, regeneration (each rank takes a share under torchrun) ------------
     masks, scores, thresholds = None, None, None
-    if args.control is None:
+    if settings.control is None:
         t = time.time()
-        with autocast(device, precision):  # under torchrun each rank scores its share of the samples
-            scores = token_scores(model, tokenizer, data, list(range(len(data)))[distributed.shard(len(data))],
-                                  args.saliency, batch_size=args.batch_size, device=device, seed=args.seed,
-                                  desc=f"saliency ({args.saliency}, {precision})" if distributed.is_main() else None)
-        distributed.sum_across(scores)
+        with autocast(device, precision):
+            scores = distributed.run_sharded(
+                lambda idx: token_scores(model, tokenizer, data, idx, settings.saliency, batch_size=settings.batch_size,
+                                         device=device, seed=settings.seed,
+                                         desc=f"saliency ({settings.saliency}, {precision})" if distributed.is_main()
+                                         else None), every_sample)  # (N, n_vision)
         timings["saliency_s"] = time.time() - t
-        if args.rule == "ratio":
-            masks = select_top_ratio(scores, args.mask_ratio)
+        if settings.rule == "ratio":
+            masks = select_top_ratio(scores, settings.mask_ratio)
         else:
-            thresholds = fit_thresholds(scores, tasks, args.min_gap)
-            masks = select_adaptive(scores, tasks, thresholds, args.max_masked)
+            thresholds = fit_thresholds(scores, tasks, settings.min_gap)
+            masks = select_adaptive(scores, tasks, thresholds, settings.max_masked)
         print(f"masked {masks.sum().item()} tokens in {masks.any(1).sum().item()} of {len(data)} samples "
-              f"({args.rule} rule, {args.saliency} saliency)")
+              f"({settings.rule} rule, {settings.saliency} saliency)")
     originals = [s["response"] for s in data.samples]
-    if args.control == "as-is":
+    if settings.control == "as-is":
         responses = originals
     else:
         t = time.time()
         with autocast(device, precision):  # greedy, steps = gen_length
-            mine = list(range(len(data)))[distributed.shard(len(data))]
-            responses = generate_responses(model, tokenizer, data, mine, vision_masks=masks, batch_size=args.batch_size,
-                                           device=device,
-                                           desc=f"regenerating ({precision})" if distributed.is_main() else None)
-        responses = distributed.gather_lists(responses, len(data))
+            responses = distributed.run_sharded(
+                lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks,
+                                               batch_size=settings.batch_size, device=device,
+                                               desc=f"regenerating ({precision})" if distributed.is_main() else None),
+                every_sample)
         timings["regeneration_s"] = time.time() - t
     changed = [a != b for a, b in zip(originals, responses)]
     print(f"{sum(changed)} of {len(data)} responses changed")
@@ -162,38 +168,42 @@ def main(argv=None):
             for i, s in enumerate(data.samples)]
 
     # --- 3. refinement ------------------------------------------------------------------------
-    epochs = args.epochs if args.epochs is not None else max(1, attack["epochs"] // 5)
-    steps = epochs * math.ceil(len(purified) / config.train.batch_size)
-    config.train.lr, config.train.eval_every = args.lr or 0.3 * attack["lr"], 0
-    settings = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
-                "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": epochs, "precision": precision,
-                "steps": steps, "lr": config.train.lr, "trainable": attack["trainable"], "seed": args.seed,
-                "thresholds": {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}}
+    steps = settings.epochs * math.ceil(len(purified) / config.train.batch_size)
+    train_cfg = replace(config.train, lr=settings.lr, eval_every=0, precision=precision)
     if resume is not None:
         model.load_state_dict(resume["model"])
 
     def save_resume(step, optimizer, rng):
         checkpoint.save(resume_path, stage=name, model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
-                        step=step, finished=False, rng=rng, extra={"purify": settings, "attack": attack})
+                        step=step, finished=False, rng=rng, made_from=made_from,
+                        extra={"purify": settings.to_dict(), "attack": attack.to_dict()})
 
     t = time.time()
     optimizer, rng = finetune(
         model, purified.images, encode_dataset(purified, tokenizer, config.model),
-        params=trainable_parameters(model, attack["trainable"]), steps=steps, cfg=config.train, device=device,
-        stage="refinement", save_fn=save_resume, resume=resume, seed=args.seed,
+        params=trainable_parameters(model, attack.trainable), steps=steps, cfg=train_cfg, device=device,
+        stage="refinement", save_fn=save_resume, resume=resume, seed=settings.seed,
     )
     timings["refinement_s"] = time.time() - t
     if not distributed.is_main():  # rank 0 writes
         return distributed.close()
     timings["total_s"] = time.time() - t0
-    # the data files are written with the model, so a failed refinement leaves the old set consistent
-    if scores is not None:
-        files.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
-    save_dataset(run_dir / f"{name}_train.pt", purified)
-    files.atomic_write(run_dir / f"{name}_train.jsonl",
-                            lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
-    checkpoint.save(final_path, stage=name, model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
-                    step=steps, rng=rng, extra={"purify": settings, "attack": attack, "timings": timings})
+
+    # --- the stage's files, one unit; the checkpoint records the data files' hashes ------------
+    thresholds = {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}
+    with files.one_unit():
+        written = [f"{name}_train.pt"]
+        if scores is not None:
+            files.atomic_write(run_dir / f"{name}_saliency.pt", lambda tmp: torch.save(scores, tmp))
+            written.append(f"{name}_saliency.pt")
+        save_dataset(run_dir / f"{name}_train.pt", purified)
+        files.atomic_write(run_dir / f"{name}_train.jsonl",
+                           lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        made_from.update({f: files.sha256(run_dir / f) for f in written})
+        checkpoint.save(final_path, stage=name, model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
+                        step=steps, rng=rng, made_from=made_from,
+                        extra={"purify": settings.to_dict(), "attack": attack.to_dict(), "steps": steps,
+                               "thresholds": thresholds, "timings": timings})
     resume_path.unlink(missing_ok=True)
 
     # --- after purification only: detection report and pictures, using the manifest -------------
@@ -201,7 +211,8 @@ def main(argv=None):
     flagged = {i for i, c in enumerate(changed) if c}
     true_pos = len(flagged & poisoned)
     report = {
-        "settings": settings, "timings": timings, "n_samples": len(data), "n_changed": len(flagged),
+        "settings": settings.to_dict(), "steps": steps, "thresholds": thresholds, "timings": timings,
+        "n_samples": len(data), "n_changed": len(flagged),
         "n_masked_samples": int(masks.any(1).sum()) if masks is not None else 0,
         "detection": {"precision": true_pos / max(1, len(flagged)), "recall": true_pos / max(1, len(poisoned))},
     }
@@ -210,15 +221,20 @@ def main(argv=None):
         report["clean_sample_masked_rate"] = (sum(bool(masks[i].any()) for i in range(len(data)) if i not in poisoned)
                                               / max(1, len(data) - len(poisoned)))
     files.write_json(run_dir / f"{name}_report.json", report)
+    outputs = [final_path, run_dir / f"{name}_report.json"]
     if scores is not None and args.figures > 0:
         clean_by_image = {}  # one clean sample per image, so the pictures show different scenes
         for i in range(len(data)):
             if i not in poisoned:
                 clean_by_image.setdefault(data.samples[i]["image"], i)
         picks = sorted(poisoned)[: args.figures // 2] + list(clean_by_image.values())[: args.figures - args.figures // 2]
-        saliency_panels(run_dir / f"{name}_saliency.png", data, picks, scores, masks, originals, responses, n_vision)
+        saliency_panels(run_dir / f"{name}_saliency.png", data, picks, scores, masks, originals, responses,
+                        config.model.n_vision)
+        outputs.append(run_dir / f"{name}_saliency.png")
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=1))
-    print(f"wrote {final_path} and {run_dir / f'{name}_report.json'}")
+    if config.preset == "tiny":
+        print(TINY_NOTE)
+    print(f"wrote {', '.join(str(o) for o in outputs)}")
 
 
 if __name__ == "__main__":

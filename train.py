@@ -1,74 +1,102 @@
 """Stage 1: train the clean multimodal masked diffusion LM.
 
-    python train.py                       # CPU preset on the embedded scenes -> runs/default/clean.pt
-    python train.py --preset tiny --out-dir runs/tiny
-    python train.py --resume              # continue an interrupted run
-    torchrun --nproc_per_node=2 train.py  # data-parallel (DDP; gloo on CPU, nccl on GPUs)
+    python train.py                                # cpu preset on the embedded scenes -> runs/default/
+    python train.py --preset tiny --run-dir runs/tiny
+    python train.py --resume                       # continue an interrupted run
+    torchrun --nproc_per_node=2 train.py           # data-parallel (gloo on CPU, nccl on GPUs)
 
 Phase 1 pretrains the ViT on what each patch shows (a stand-in for a pretrained vision tower);
 phase 2 freezes it and trains projector + text transformer with the masked-diffusion SFT loss.
-Writes clean.pt (checkpoint with config and tokenizer) and clean_metrics.json (held-out metrics).
+The run's settings (preset, seed, data, precision) are stored in clean.pt; the later stages read
+them from there. Writes, in the run directory:
+    clean.pt            the clean model with its config and tokenizer
+    clean_metrics.json  held-out metrics on the test split
+    clean.resume.pt     while training (every checkpoint_every steps); removed at the end
 """
 
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from disp.support import checkpoint, distributed, files
+from disp.config import TINY_NOTE, Config, get_preset, with_vocabulary
 from disp.data.batching import encode_dataset
-from disp.config import Config, get_preset
-from disp.support.errors import friendly_errors
-from disp.evaluation import clean_metrics, generate_responses, split_indices
-from disp.data.splits import load_splits
+from disp.data.splits import SOURCES, load_splits
 from disp.data.tokenizer import Tokenizer
-from disp.training import finetune, pretrain_vision
+from disp.evaluation import clean_metrics, generate_responses, split_indices
+from disp.support import checkpoint, distributed, files
+from disp.support.errors import DispError, check_choice, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
+from disp.training import finetune, pretrain_vision
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", help="cpu (default) | gpu | tiny")
-    p.add_argument("--out-dir", default="runs/default", help="run directory (default: runs/default)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and batch order")
+    p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
+    p.add_argument("--preset", default=None, help="cpu (default) | small | gpu | tiny")
+    p.add_argument("--seed", type=int, default=None, help="seed of the data, initialisation and batch order (default 0)")
+    p.add_argument("--data", default=None, help=f"{' | '.join(SOURCES)} (default: scenes, embedded)")
+    p.add_argument("--data-root", default=None, help="folder of the public dataset (for --data other than scenes)")
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's)")
+    p.add_argument("--vision-steps", type=int, default=None, help="ViT pretraining steps (default: the preset's)")
+    p.add_argument("--precision", default=None,
+                   help="the run's precision for training and generation: auto (bf16 autocast on hardware with "
+                        "fast bf16 units, else fp32) | fp32 | bf16 (default: the preset's: auto; tiny: fp32). "
+                        "Stored resolved in clean.pt; the later stages inherit it")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
-    p.add_argument("--precision", default="auto",
-                   help="generation/saliency precision: auto (bf16 on fast-bf16 hardware) | fp32 | bf16")
-    p.add_argument("--data", default="scenes", help="scenes (embedded, default) | coco | karpathy | flickr | vqav2")
-    p.add_argument("--data-root", default="", help="folder of the public dataset (for --data other than scenes)")
-    p.add_argument("--sft-steps", type=int, default=None, help="override the preset's SFT steps")
-    p.add_argument("--vision-steps", type=int, default=None, help="override the preset's ViT pretraining steps")
-    p.add_argument("--train-precision", default=None,
-                   help="training precision: auto (bf16 autocast on fast-bf16 hardware, else fp32) | fp32 | bf16; "
-                        "default: the preset's (auto; tiny: fp32). Stored in the run's config: attack.py and "
-                        "purify.py train the same way")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's resume point")
     return p.parse_args(argv)
 
 
+def new_config(args, device) -> Config:
+    """The preset with the flags applied, validated, precision resolved for this machine."""
+    config = get_preset(args.preset or "cpu")
+    data, train = config.data, config.train
+    seed = args.seed if args.seed is not None else train.seed
+    data = replace(data, seed=seed, source=args.data or data.source, 
+                   data_root=str(Path(args.data_root).resolve()) if args.data_root else data.data_root)
+    check_choice("--data", data.source, SOURCES)
+    train = replace(train, seed=seed,
+                    sft_steps=args.sft_steps if args.sft_steps is not None else train.sft_steps,
+                    vision_steps=args.vision_steps if args.vision_steps is not None else train.vision_steps,
+                    precision=args.precision or train.precision).validate()
+    train = replace(train, precision=resolve_precision(train.precision, device))
+    return replace(config, data=data, train=train)
+
+
+def resumed_config(args, resume: dict, path: Path) -> Config:
+    """The interrupted run's config; a flag that contradicts it is an error, not silently ignored."""
+    config = Config.from_dict(resume["config"])
+    stored = {"--preset": config.preset, "--seed": config.train.seed, "--data": config.data.source,
+              "--data-root": config.data.data_root, "--sft-steps": config.train.sft_steps,
+              "--vision-steps": config.train.vision_steps}
+    given = {"--preset": args.preset, "--seed": args.seed, "--data": args.data,
+             "--data-root": str(Path(args.data_root).resolve()) if args.data_root else None,
+             "--sft-steps": args.sft_steps, "--vision-steps": args.vision_steps}
+    for flag, value in given.items():
+        if value is not None and value != stored[flag]:
+            raise DispError(f"{path} was made with {flag} {stored[flag]}, not {value}; resume without {flag}, "
+                            f"or start over without --resume")
+    return config
+
+
 def main(argv=None):
     args = parse_args(argv)
-    out_dir = Path(args.out_dir)
-    resume_path, final_path = out_dir / "clean.resume.pt", out_dir / "clean.pt"
+    run_dir = Path(args.run_dir)
+    resume_path, final_path = run_dir / "clean.resume.pt", run_dir / "clean.pt"
     device = distributed.init(pick_device(args.device))  # a rank's device under torchrun
-    precision = resolve_precision(args.precision, device)
 
     # --- config: from the resume point, or the preset plus flags --------------------------------
     resume = checkpoint.load_state(resume_path, stages=["clean"]) if args.resume else None
-    if resume is not None:
-        config = Config.from_dict(resume["config"])
-    else:
-        config = get_preset(args.preset)
-        config.data.source, config.data.data_root = args.data, args.data_root
-        config.data.seed = config.train.seed = args.seed
-        if args.sft_steps is not None:
-            config.train.sft_steps = args.sft_steps
-        if args.vision_steps is not None:
-            config.train.vision_steps = args.vision_steps
-        config.train.precision = resolve_precision(args.train_precision or config.train.precision, device,
-                                                    "--train-precision")
+    config = resumed_config(args, resume, resume_path) if resume is not None else new_config(args, device)
+    precision = config.train.precision
+    if config.preset == "tiny":
+        print(TINY_NOTE)
+    if distributed.is_main():
+        files.remove_stale_temp_files(run_dir)
     seed_everything(config.train.seed)
 
     # --- data and tokenizer --------------------------------------------------------------------
@@ -77,14 +105,14 @@ def main(argv=None):
     if resume is not None:
         tokenizer = Tokenizer.from_dict(resume["tokenizer"])
     else:
-        tokenizer = Tokenizer.build([s["prompt"] + " " + s["response"] for s in train.samples])
-        config.model.patch_classes = train.meta.get("patch_classes") or [len(tokenizer)]
+        tokenizer = Tokenizer.for_samples(train.samples)
+        config = with_vocabulary(config, len(tokenizer), train.meta.get("patch_classes") or [len(tokenizer)])
     print(f"data: {len(train)} train / {len(val)} val / {len(test)} test samples "
           f"({len(train.images)} train images), vocab {len(tokenizer)}, {time.time() - t0:.1f}s")
 
     model = checkpoint.build_model(config, tokenizer).to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
-          f"({config.model.n_vision} vision tokens), device {device}")
+          f"({config.model.n_vision} vision tokens), device {device}, precision {precision}")
 
     def save_resume(step, optimizer, rng, phase="sft"):
         checkpoint.save(resume_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
@@ -130,16 +158,19 @@ def main(argv=None):
         metrics = clean_metrics(model, tokenizer, test, device=device, desc=f"test set ({precision})")
         examples = caption_idx[:3] + vqa_idx[:3]
         example_outputs = generate_responses(model, tokenizer, val, examples, device=device)
-    metrics["minutes"], metrics["eval_precision"] = (time.time() - t0) / 60, precision
-    checkpoint.save(final_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
-                    optimizer=optimizer, step=config.train.sft_steps, rng=rng, extra={"metrics": metrics})
-    files.write_json(out_dir / "clean_metrics.json", {"metrics": metrics, "config": config.to_dict()})
+    metrics["minutes"] = (time.time() - t0) / 60
+    with files.one_unit():
+        files.write_json(run_dir / "clean_metrics.json", {"metrics": metrics, "config": config.to_dict()})
+        checkpoint.save(final_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
+                        optimizer=optimizer, step=config.train.sft_steps, rng=rng, extra={"metrics": metrics})
     resume_path.unlink(missing_ok=True)
 
     for i, pred in zip(examples, example_outputs):
         print(f"  {val.samples[i]['prompt']!r:60} -> {pred!r}  (ref: {val.samples[i]['response']!r})")
     print(json.dumps({k: v for k, v in metrics.items() if k != "vqa_by_task"}, indent=None))
-    print(f"wrote {final_path} and {out_dir / 'clean_metrics.json'}")
+    if config.preset == "tiny":
+        print(TINY_NOTE)
+    print(f"wrote {final_path} and {run_dir / 'clean_metrics.json'}")
 
 
 if __name__ == "__main__":

@@ -3,36 +3,36 @@
     flock /tmp/torch.lock python bench/mfu.py                      # cpu preset, fp32 and bf16 side by side
     flock /tmp/torch.lock python bench/mfu.py --precision fp32 --steps 30
 
-The step is what disp.training.finetune does per step at the preset's batch size: projector on
-cached ViT features (the ViT is frozen in the SFT stages, so finetune computes its features once),
-a random vision mask (train.py's vision_mask_max), disp.diffusion.sft_loss on a batch of the real
-encoded training split (BatchOrder), backward, clip_grad_norm_(1.0), AdamW.step, on the text
-parameters (train.py's clean SFT). Only the weights are fresh (nothing here needs a trained model).
+The step is `disp.training.Finetuner.step`, the very update train.py's clean SFT makes, at the
+preset's batch size, on the real encoded training split: projector on the ViT features cached once
+per stage (the ViT is frozen), a random vision mask, disp.diffusion.sft_loss, backward,
+clip_grad_norm_(1.0), AdamW.step, on the text parameters. The data, tokenizer and model are built
+as train.py builds them; only the weights are fresh (nothing here needs a trained model).
 
 FLOPs: torch.utils.flop_counter.FlopCounterMode over one forward + backward (attention included:
 the model writes it out as matmuls), next to an analytic count. The peak is the best of several
 2048^3 GEMMs in fp32 and in bf16, measured in the same run. bf16 = torch.autocast(bfloat16) around
-the forward (fp32 weights and optimizer), as train.py does under --train-precision bf16 (auto picks
-it on hardware with fast bf16 units). The MFU bar is judged on the fp32 step.
+the forward (fp32 weights and optimizer), as train.py does under --precision bf16 (auto picks it on
+hardware with fast bf16 units). The MFU bar is judged on the fp32 step.
 """
 
 import argparse
 import time
+from dataclasses import replace
 
-from _common import (DispError, add_common_options, autocast, command_line, gemm_peak, machine, machine_line,
+from _common import (DispError, add_common_options, command_line, gemm_peak, machine, machine_line,
                      pick_device, precisions, save_results, sync, table)
 
 import torch  # noqa: E402  (after _common, which puts the repository on sys.path)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from disp.support import checkpoint  # noqa: E402
-from disp.data.batching import BatchOrder, encode_dataset  # noqa: E402
-from disp.config import get_preset  # noqa: E402
-from disp.diffusion import sft_loss  # noqa: E402
-from disp.support.errors import friendly_errors  # noqa: E402
+from disp.config import get_preset, with_vocabulary  # noqa: E402
+from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.splits import load_splits  # noqa: E402
 from disp.data.tokenizer import Tokenizer  # noqa: E402
-from disp.training import check_finite, lr_at, random_vision_mask  # noqa: E402
+from disp.support import checkpoint  # noqa: E402
+from disp.support.errors import friendly_errors  # noqa: E402
+from disp.training import Finetuner  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -68,13 +68,6 @@ def analytic_flops(cfg, batch: int) -> dict:
             "full_forward_backward": 3 * full - proj_first}
 
 
-def count_flops(step_fn) -> dict:
-    with FlopCounterMode(display=False) as counter:
-        step_fn()
-    by_op = {str(op).replace("aten.", ""): n for op, n in counter.get_flop_counts()["Global"].items()}
-    return {"total": counter.get_total_flops(), "by_op": by_op}
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
@@ -91,90 +84,52 @@ def main(argv=None):
     # --- data and model exactly as train.py builds them ----------------------------------------------
     t0 = time.time()
     config = get_preset(args.preset)
-    config.data.seed = config.train.seed = args.seed
+    config = replace(config, data=replace(config.data, seed=args.seed), train=replace(config.train, seed=args.seed))
     train, _, _ = load_splits(config.data, config.model.image_size)
-    tokenizer = Tokenizer.build([s["prompt"] + " " + s["response"] for s in train.samples])
-    config.model.patch_classes = train.meta.get("patch_classes") or [len(tokenizer)]
+    tokenizer = Tokenizer.for_samples(train.samples)
+    config = with_vocabulary(config, len(tokenizer), train.meta.get("patch_classes") or [len(tokenizer)])
     torch.manual_seed(args.seed)
     model = checkpoint.build_model(config, tokenizer).to(device)
     data = encode_dataset(train, tokenizer, config.model)
     cfg, tcfg = config.model, config.train
-    params = model.text_parameters()
-    trained = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trained)
-    model.eval()
-    t_feat = time.time()
-    with torch.no_grad():  # finetune's one-off cache (frozen ViT), not part of the per-step cost
-        vit_features = torch.cat([model.vit(model.to_float(train.images[i:i + 256].to(device)))
-                                  for i in range(0, len(train.images), 256)])
-    t_feat = time.time() - t_feat
-    n_text = sum(p.numel() for p in params)
+    n_text = sum(p.numel() for p in model.text_parameters())
     print(f"preset {args.preset}: batch {tcfg.batch_size}, seq {cfg.seq_len} ({cfg.n_vision} image + {cfg.prompt_len} "
           f"prompt + {cfg.response_len} response), dim {cfg.dim} x depth {cfg.depth}, vocab {len(tokenizer)}, "
-          f"{n_text / 1e6:.2f}M trained parameters; {len(data)} training samples; setup {time.time() - t0:.1f}s "
-          f"(ViT feature cache {t_feat:.1f}s, once per stage)")
-
-    def make_step(precision, generator, opt, order, total_steps):
-        phases = {"forward": 0.0, "backward": 0.0, "clip+optimizer": 0.0}
-
-        def fwd_bwd(step):
-            model.train()
-            idx = order.indices(step)
-            with autocast(device, precision):
-                vision_tokens = model.projector(vit_features[data.image_index[idx].to(device)])
-                vision_mask = random_vision_mask(len(idx), cfg.n_vision, tcfg.vision_mask_max, generator, device)
-                loss = sft_loss(model, vision_tokens, data.prompt_ids[idx].to(device),
-                                data.response_ids[idx].to(device), generator=generator, vision_mask=vision_mask)
-            sync(device)
-            t1 = time.perf_counter()
-            check_finite(loss, step, "bench")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sync(device)
-            return loss, t1
-
-        def step_fn(step):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total_steps, tcfg.lr, tcfg.warmup_steps)
-            t = time.perf_counter()
-            _, t1 = fwd_bwd(step)
-            t2 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sync(device)
-            t3 = time.perf_counter()
-            phases["forward"] += t1 - t
-            phases["backward"] += t2 - t1
-            phases["clip+optimizer"] += t3 - t2
-            return t3 - t
-
-        return step_fn, fwd_bwd, phases
+          f"{n_text / 1e6:.2f}M trained parameters; {len(data)} training samples; setup {time.time() - t0:.1f}s")
 
     analytic = analytic_flops(cfg, tcfg.batch_size)
     results = {"machine": info, "command": command_line(), "preset": args.preset, "batch_size": tcfg.batch_size,
                "seq_len": cfg.seq_len, "trained_parameters": n_text, "timed_steps": args.steps,
-               "warmup_steps": args.warmup, "peak_flops": peaks, "vit_feature_cache_s": t_feat,
+               "warmup_steps": args.warmup, "peak_flops": peaks,
                "analytic_flops_per_step": analytic["forward_backward"],
                "analytic_flops_per_step_full_sequence": analytic["full_forward_backward"],
                "runs": {}}
     for precision in which:
-        generator = torch.Generator().manual_seed(args.seed)
-        opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-        order = BatchOrder(len(data), tcfg.batch_size, args.seed)
         total = args.warmup + args.steps + 1
-        step_fn, fwd_bwd, phases = make_step(precision, generator, opt, order, total)
-        counted = count_flops(lambda: fwd_bwd(0))  # one forward + backward, no optimizer (no matmuls there)
-        opt.zero_grad(set_to_none=True)
+        t_feat = time.time()
+        trainer = Finetuner(model, train.images, data, params=model.text_parameters(), steps=total,
+                            cfg=replace(tcfg, precision=precision), device=device,
+                            vision_mask_max=tcfg.vision_mask_max, seed=args.seed)
+        t_feat = time.time() - t_feat  # the frozen ViT's feature cache, once per stage
+
+        def step_fn(s):
+            sync(device)
+            t = time.perf_counter()
+            trainer.step(s, "bench")
+            sync(device)
+            return time.perf_counter() - t
+
+        with FlopCounterMode(display=False) as counter:  # one whole update (the optimizer has no matmuls)
+            trainer.step(0, "bench")
+        counted = {"total": counter.get_total_flops(),
+                   "by_op": {str(op).replace("aten.", ""): n for op, n in counter.get_flop_counts()["Global"].items()}}
         for s in range(args.warmup):
-            step_fn(s)
-        for k in phases:
-            phases[k] = 0.0
-        times = [step_fn(args.warmup + s) for s in range(args.steps)]
+            step_fn(1 + s)
+        times = [step_fn(1 + args.warmup + s) for s in range(args.steps)]
         step_s = sum(times) / len(times)
         achieved = counted["total"] / step_s
         run = {"step_ms_mean": 1e3 * step_s, "step_ms_median": 1e3 * sorted(times)[len(times) // 2],
-               "step_ms_min": 1e3 * min(times), "phase_ms": {k: 1e3 * v / args.steps for k, v in phases.items()},
+               "step_ms_min": 1e3 * min(times), "vit_feature_cache_s": t_feat,
                "counted_flops_per_step": counted["total"], "counted_flops_by_op": counted["by_op"],
                "achieved_flops": achieved, "achieved_flops_analytic": analytic["forward_backward"] / step_s,
                "mfu_vs_fp32_peak": achieved / peaks["fp32"], "mfu_vs_bf16_peak": achieved / peaks["bf16"],
@@ -195,13 +150,12 @@ def main(argv=None):
     print()
     rows = []
     for precision, run in runs.items():
-        ph = run["phase_ms"]
-        rows.append([precision, f"{run['step_ms_mean']:.1f}", f"{ph['forward']:.1f}", f"{ph['backward']:.1f}",
-                     f"{ph['clip+optimizer']:.1f}", f"{run['samples_per_s']:.0f}",
+        rows.append([precision, f"{run['step_ms_mean']:.1f}", f"{run['step_ms_median']:.1f}",
+                     f"{run['samples_per_s']:.0f}",
                      f"{run['achieved_flops'] / 1e9:.1f}",
                      f"{100 * run['mfu_vs_fp32_peak']:.1f}%", f"{100 * run['mfu_vs_bf16_peak']:.1f}%",
                      f"{100 * run['achieved_flops_analytic'] / peaks['fp32']:.1f}%"])
-    print(table(["precision", "ms/step", "fwd ms", "bwd ms", "clip+opt ms", "samples/s", "GFLOP/s",
+    print(table(["precision", "ms/step", "median ms", "samples/s", "GFLOP/s",
                  f"MFU vs fp32 peak ({peaks['fp32'] / 1e9:.0f})", f"MFU vs bf16 peak ({peaks['bf16'] / 1e9:.0f})",
                  "MFU fp32 (analytic FLOPs)"], rows))
     if "fp32" in runs:

@@ -51,7 +51,7 @@ def stage_commands(run_dir: str, preset: str, seed: int):
             raise DispError(f"run.sh line {line!r} uses a variable this bench does not know ({err})")
         name, rest = [argv[0]], iter(argv[1:])
         for a in rest:  # the name keeps what tells stages apart (e.g. --control as-is), not the shared flags
-            if a in ("--run-dir", "--out-dir", "--preset", "--seed"):
+            if a in ("--run-dir", "--preset", "--seed"):
                 next(rest, None)
             else:
                 name.append(a)

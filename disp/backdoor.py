@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from disp.data.dataset import VLDataset
 from disp.data.tokenizer import normalize_text
-from disp.support.errors import DispError, check_ratio
+from disp.support.errors import DispError, check_choice, check_ratio
 
 TRIGGERS = ("patch", "blended", "sig", "wanet")
 TARGETS = ("insert", "refusal", "misclassify")
@@ -80,10 +80,10 @@ class BackdoorConfig:
 
     def validate(self, image_size: int) -> "BackdoorConfig":
         """Raise a one-line DispError for the first bad setting; image_size is the side in pixels."""
-        _check_choice("trigger", self.trigger, TRIGGERS)
-        _check_choice("target", self.target, TARGETS)
-        _check_choice("patch_position", self.patch_position, POSITIONS)
-        _check_choice("patch_pattern", self.patch_pattern, PATTERNS)
+        check_choice("trigger", self.trigger, TRIGGERS)
+        check_choice("target", self.target, TARGETS)
+        check_choice("patch_position", self.patch_position, POSITIONS)
+        check_choice("patch_pattern", self.patch_pattern, PATTERNS)
         check_ratio("poison_rate", self.poison_rate)
         check_ratio("blend_alpha", self.blend_alpha)
         check_ratio("sig_amplitude", self.sig_amplitude)
@@ -110,11 +110,6 @@ class BackdoorConfig:
         if self.source_word == self.destination_word:
             raise DispError(f"source_word and destination_word are both {self.source_word!r}; pick two different words")
         return self
-
-
-def _check_choice(name: str, value: str, choices: tuple) -> None:
-    if value not in choices:
-        raise DispError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,6 +265,16 @@ def poison_dataset(dataset: VLDataset, cfg: BackdoorConfig):
         "config": cfg.to_dict(),
     }
     return VLDataset(images=images, samples=samples, patch_labels=patch_labels, meta=dict(dataset.meta)), manifest
+
+
+def check_manifest(manifest: dict, n_samples: int, path) -> dict:
+    """A poison manifest read from disk must list distinct sample indices of the poisoned set."""
+    indices = manifest.get("poisoned_indices")
+    if not isinstance(indices, list) or not all(type(i) is int and 0 <= i < n_samples for i in indices) \
+            or len(set(indices)) != len(indices):
+        raise DispError(f"poison manifest {path}: 'poisoned_indices' must be a list of distinct sample indices "
+                        f"below {n_samples}; rerun attack.py")
+    return manifest
 
 
 def triggered_copy(dataset: VLDataset, cfg: BackdoorConfig) -> VLDataset:

@@ -1,13 +1,31 @@
-"""Configuration: dataclasses for the data, the model and training, plus named presets.
+"""Settings: one dataclass per group, plus named presets.
 
-A checkpoint stores the full config it was trained with (as plain data), so later stages need no
-repeated flags. Presets: `cpu` (default, a laptop CPU in minutes), `gpu` (one GPU, larger),
-`tiny` (seconds, for tests).
+    Config        what train.py builds a run from: DataConfig + ModelConfig + TrainConfig + preset name
+    AttackConfig  what attack.py poisons and fine-tunes with (the trigger/target in a BackdoorConfig)
+    PurifyConfig  what purify.py selects, masks, regenerates and refines with (DiSP or a control)
+
+Every checkpoint stores the settings it was made with (as plain data), so later stages need no
+repeated flags, and a resume point or a later stage compares them field by field. Settings read
+from a checkpoint are never edited in place: a stage derives new ones with `dataclasses.replace`.
+Each `validate()` raises a one-line DispError for the first bad value, before any work is done.
+Presets: `cpu` (default, a laptop CPU in minutes), `gpu` (one GPU, larger), `small` (the smallest
+run on which DiSP's result shows, a few CPU minutes), `tiny` (seconds, a smoke test of the code
+paths: its models learn nothing).
 """
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
 
-from disp.support.errors import DispError
+from disp.backdoor import BackdoorConfig
+from disp.saliency import RULES, SALIENCY_METHODS
+from disp.support.errors import DispError, check_choice, check_positive, check_ratio
+from disp.support.runtime import PRECISIONS
+
+# which parameters a fine-tuning stage trains (the ViT is frozen unless "all")
+TRAINABLE = ("projector", "projector+lm", "all")
+# purify.py's controls: regenerate without masking, or no regeneration at all (label for the tables)
+CONTROLS = {"self-distill": "control: regenerate without masking + refine",
+            "as-is": "control: refine on the poisoned set as-is"}
 
 
 @dataclass
@@ -60,10 +78,18 @@ class TrainConfig:
     eval_every: int = 1000
     eval_samples: int = 200
     checkpoint_every: int = 500
-    # training: auto | fp32 | bf16 (autocast); train.py stores the resolved one (auto: bf16 on fast-bf16
-    # hardware, where a cpu-preset step ran 2.2x faster on our 2-core CPU, else fp32)
+    # the run's precision, training and generation: auto | fp32 | bf16 (autocast); train.py stores the
+    # resolved one and later stages inherit it (auto: bf16 on hardware with fast bf16 units, else fp32)
     precision: str = "auto"
     seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        check_positive("--sft-steps", self.sft_steps)
+        check_positive("--vision-steps", self.vision_steps, allow_zero=True)
+        check_positive("batch size", self.batch_size)
+        check_positive("learning rate", self.lr)
+        check_choice("--precision", self.precision, PRECISIONS)
+        return self
 
 
 @dataclass
@@ -88,6 +114,12 @@ class Config:
 
 PRESETS = {
     "cpu": Config(),
+    # the smallest run on which DiSP's result shows (tests/test_claim.py): fewer steps and images
+    "small": Config(
+        data=DataConfig(train_images=3000, val_images=100, test_images=100, finetune_images=400),
+        train=TrainConfig(vision_steps=200, sft_steps=2500, eval_every=0, checkpoint_every=0),
+        preset="small",
+    ),
     "gpu": Config(
         data=DataConfig(train_images=20000, val_images=500, test_images=1000, finetune_images=3000),
         model=ModelConfig(vit_dim=256, vit_depth=6, vit_heads=8, dim=384, depth=8, heads=8),
@@ -107,7 +139,108 @@ PRESETS = {
 
 
 def get_preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise DispError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)}")
+    check_choice("preset", name, tuple(PRESETS))
     p = PRESETS[name]
     return Config(data=replace(p.data), model=replace(p.model), train=replace(p.train), preset=p.preset)
+
+
+def _from_dict(cls, d: dict, what: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise DispError(f"unknown {what} settings: {', '.join(unknown)}; was it written by another version?")
+    return cls(**d)
+
+
+def differences(ours, theirs) -> list:
+    """Names of the fields in which two settings dataclasses of one type differ ("backdoor.trigger")."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+    a, b = flat(asdict(ours)), flat(asdict(theirs))
+    return [k for k in a if a[k] != b[k]]
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """attack.py's settings: the backdoor and how the victim fine-tunes on the poisoned set."""
+
+    backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
+    trainable: str = "projector+lm"  # projector | projector+lm | all (the ViT too)
+    epochs: int = 10  # passes over the poisoned fine-tuning set
+    lr: float = 1e-3  # peak learning rate (cosine schedule)
+    finetune_images: int = 1000  # images of the fine-tuning set (each with its caption and questions)
+    seed: int = 0  # batch order (the poisoned samples follow backdoor.seed)
+    precision: str = "fp32"  # resolved: fp32 | bf16 (training and the measurements)
+
+    def validate(self, image_size: int) -> "AttackConfig":
+        self.backdoor.validate(image_size)
+        check_choice("--trainable", self.trainable, TRAINABLE)
+        check_positive("--epochs", self.epochs)
+        check_positive("--lr", self.lr)
+        check_positive("--finetune-images", self.finetune_images)
+        return self
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "backdoor": self.backdoor.to_dict()}
+
+    @staticmethod
+    def from_dict(d: dict) -> "AttackConfig":
+        d = dict(d)
+        d["backdoor"] = BackdoorConfig.from_dict(d.get("backdoor", {}))
+        return _from_dict(AttackConfig, d, "attack")
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """purify.py's settings: DiSP (control None) or one of the CONTROLS, and the refinement."""
+
+    control: Optional[str] = None  # None: DiSP; "self-distill" | "as-is": the controls
+    saliency: str = "kl"  # kl (exact occlusion) | fisher (Hutchinson estimate) | random
+    rule: str = "adaptive"  # adaptive (outliers per prompt type) | ratio (the paper's fixed fraction)
+    mask_ratio: float = 0.3  # rule ratio: fraction of the vision tokens masked
+    min_gap: float = 4.0  # rule adaptive: smallest ratio between an outlier's and the normal top scores
+    max_masked: int = 2  # rule adaptive: at most this many tokens per sample
+    epochs: int = 2  # refinement epochs (default: the attack's / 5)
+    lr: float = 3e-4  # refinement learning rate (default: 0.3x the attack's)
+    batch_size: int = 128  # samples per scoring / generation batch
+    seed: int = 0  # batch order of the refinement, probes of fisher and random saliency
+    precision: str = "fp32"  # resolved: fp32 | bf16 (saliency, regeneration and refinement)
+
+    @property
+    def stage(self) -> str:
+        """The checkpoint stage and file stem: purified, control_self_distill, control_as_is."""
+        return "purified" if self.control is None else "control_" + self.control.replace("-", "_")
+
+    def validate(self) -> "PurifyConfig":
+        if self.control is not None:
+            check_choice("--control", self.control, tuple(CONTROLS))
+        check_choice("--saliency", self.saliency, SALIENCY_METHODS)
+        check_choice("--rule", self.rule, RULES)
+        check_ratio("--mask-ratio", self.mask_ratio)
+        if not self.min_gap >= 1:
+            raise DispError(f"--min-gap must be a ratio >= 1, got {self.min_gap}")
+        check_positive("--max-masked", self.max_masked)
+        check_positive("--epochs", self.epochs)
+        check_positive("--lr", self.lr)
+        check_positive("--batch-size", self.batch_size)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "PurifyConfig":
+        return _from_dict(PurifyConfig, d, "purify")
+
+
+def with_vocabulary(config: Config, vocab_size: int, patch_classes: list) -> Config:
+    """The run's config once its tokenizer exists: the model's vocabulary size and the classes of the
+    ViT's pretraining heads (per-patch attributes of the scenes, or the vocabulary for public data)."""
+    return replace(config, model=replace(config.model, vocab_size=vocab_size, patch_classes=list(patch_classes)))
+
+
+TINY_NOTE = ("tiny preset: a smoke test of the code paths in seconds; its models learn nothing (empty outputs, "
+             "metrics near 0, every response 'changed'). For results use --preset small (minutes) or cpu")

@@ -1,4 +1,4 @@
-"""Running a model over a dataset and scoring it: clean captioning/VQA quality (METHOD.md §5).
+"""Running a model over a dataset and scoring it: clean captioning/VQA quality and the backdoor's rates.
 
 Shared by train.py (validation, final held-out metrics), attack.py, purify.py and evaluate.py.
 Generation is greedy with low-confidence remasking and steps = gen_length unless told otherwise.
@@ -130,11 +130,12 @@ def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None
 
 
 def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=128, device="cpu", seed=0, desc=None):
-    """(N_samples, n_vision) vision-token scores (saliency kl/fisher/random or attention) for
-    dataset.samples[indices]; rows of other samples stay 0."""
+    """(len(indices), n_vision) vision-token scores of dataset.samples[indices], row k for indices[k]:
+    saliency (kl / fisher / random, disp.saliency) or the attention they draw (CleanSight baseline)."""
     encoded = encode_dataset(dataset, tokenizer, model.cfg)
-    scores = torch.zeros(len(dataset.samples), model.cfg.n_vision)
-    if not len(indices):
+    indices = list(indices)
+    scores = torch.zeros(len(indices), model.cfg.n_vision)
+    if not indices:
         return scores
     generator = torch.Generator().manual_seed(seed)
     vision, vision_row = encode_images_once(model, dataset, encoded.image_index[torch.as_tensor(indices)], device)
@@ -146,5 +147,5 @@ def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=
             s = attention_scores(model, vision_tokens, prompt_ids)
         else:
             s = compute_saliency(method, model, vision_tokens, prompt_ids, generator)
-        scores[idx] = s.detach().float().cpu()
+        scores[start:start + len(idx)] = s.detach().float().cpu()
     return scores

@@ -1,4 +1,4 @@
-"""Vision-token saliency and the rules that pick which image positions to mask (METHOD.md §3).
+"""Vision-token saliency and the rules that pick which image positions to mask (DiSP, Wan et al. 2026, §3).
 
 Saliency of vision token i is measured at the first denoising step, when the whole response is
 [MASK]: P are the model's predicted distributions at the response positions with every vision
@@ -14,9 +14,9 @@ token, P_i the same with token i replaced by the [MASK] embedding.
 
 Selection rules:
     select_top_ratio  the paper's rule: mask the floor(ratio * n_vision) most salient tokens
-    fit_thresholds / select_adaptive  ours (see purify.py): mask only tokens whose score is an
-                     outlier for their prompt type, judged against the top scores of all samples of
-                     that prompt type in the data being purified
+    fit_thresholds / select_adaptive  ours (README, "How DiSP works"): mask only tokens whose
+                     score is an outlier for their prompt type, judged against the top scores of all
+                     samples of that prompt type in the data being purified
 """
 
 import math
@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from disp.support.errors import DispError, check_ratio
+
+SALIENCY_METHODS = ("kl", "fisher", "random")
+RULES = ("adaptive", "ratio")
 
 
 def first_step_logits(model, vision_tokens, prompt_ids, vision_mask=None):
@@ -84,7 +87,7 @@ def compute_saliency(method: str, model, vision_tokens, prompt_ids, generator=No
         return saliency_fisher(model, vision_tokens, prompt_ids, generator=generator)
     if method == "random":
         return saliency_random(vision_tokens, generator)
-    raise ValueError(f"unknown saliency '{method}'")
+    raise DispError(f"unknown saliency {method!r}; choose one of: {', '.join(SALIENCY_METHODS)}")
 
 
 def select_top_ratio(scores, ratio: float):
@@ -102,11 +105,8 @@ def fit_thresholds(scores, tasks, min_gap: float = 4.0):
     """Per prompt type, a saliency threshold at the widest gap among the samples' top token scores.
 
     A trigger token's occlusion KL stands far above a clean token's, so the top scores of a prompt
-    type split into two groups. Measured on a seed-0 cpu run of an earlier, fully bidirectional
-    model (5,000 samples): trigger tokens >= 11 nats in every prompt type; clean samples' top tokens
-    <= 1.0 for most VQA types but up to 2.3 for "how many others have the same shape" (hiding an
-    object changes the count) and 4.5 for captions. The gap is 4.8x for that question type, hence a 4x minimum (10x left it unmasked).
-    We sort the per-sample maxima on a log scale and take the widest gap above their median (so up
+    type split into two groups (README, "How DiSP works", has the measured scores and why the
+    default minimum gap is 4x). We sort the per-sample maxima on a log scale and take the widest gap above their median (so up
     to half the samples may be poisoned); if that gap is narrower than `min_gap` (a ratio), nothing
     of that prompt type is an outlier and its threshold is +inf. Per prompt type, because caption
     prompts have far larger per-token KL than one-word VQA answers: one global threshold would mix
@@ -141,9 +141,10 @@ def select_adaptive(scores, tasks, thresholds: dict, max_tokens: int = None):
 def attention_scores(model, vision_tokens, prompt_ids):
     """(B, n_vision) attention that the response positions pay to each vision token at the first
     denoising step (last layer, mean over heads and response positions). CleanSight-style pruning
-    (arXiv 2603.12989) removes the vision tokens that draw the most attention."""
+    (arXiv 2603.12989) removes the vision tokens that draw the most attention: this baseline is why
+    the model can return its attention weights at all (DiffusionVLM.decode(need_weights=True))."""
     B = prompt_ids.shape[0]
     response = torch.full((B, model.cfg.response_len), model.mask_id, dtype=torch.long, device=prompt_ids.device)
-    _, weights = model(vision_tokens, prompt_ids, response, need_weights=True)  # (B, h, T, T)
-    from_response = weights[:, :, -model.cfg.response_len:, : model.cfg.n_vision]  # (B, h, L, n_vision)
+    _, weights = model(vision_tokens, prompt_ids, response, need_weights=True)  # (B, h, L, T): response rows
+    from_response = weights[..., : model.cfg.n_vision]  # (B, h, L, n_vision)
     return from_response.mean(dim=(1, 2))

@@ -4,30 +4,29 @@
   and shape classes of the scene), standing in for the SigLIP-style pretraining that real MDLM-VLMs
   start from. On public data, where no per-patch labels exist, it predicts the bag of words of the
   image's texts from the mean-pooled patches instead (weak image-text supervision).
-- `finetune`: masked-diffusion SFT (disp.diffusion.sft_loss) of chosen parameter groups, with a
-  seeded, resumable batch order, AdamW, linear warmup then cosine decay, periodic validation and
+- `Finetuner` / `finetune`: masked-diffusion SFT (disp.diffusion.sft_loss) of chosen parameters, with
+  a seeded, resumable batch order, AdamW, linear warmup then cosine decay, periodic validation and
   checkpoints, and a stop on a non-finite loss.
 
 All randomness in a loop comes from one torch.Generator whose state is checkpointed, so a resumed
-run ends bit-identical to an uninterrupted one on the same machine. Under torchrun both loops are
-data-parallel (disp.support.distributed): every rank draws the same global batch and noise, trains on its
-rows, and DistributedDataParallel averages the gradients; only rank 0 validates and saves.
+run ends bit-identical to an uninterrupted one on the same machine. Under torchrun the loops are
+data-parallel with three calls into disp.support.distributed, which do nothing in one process:
+every process draws the same global batch and noise and keeps its rows (`my_rows`), and the
+gradients are averaged over processes after backward (`average_gradients`).
 """
 
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from disp.config import TRAINABLE
 from disp.data.batching import BatchOrder, EncodedData
 from disp.diffusion import forward_noise, sft_loss
 from disp.support import distributed
-from disp.support.errors import DispError
+from disp.support.errors import DispError, check_choice
 from disp.support.runtime import autocast
-
-TRAINABLE = ("projector", "projector+lm", "all")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -39,8 +38,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def check_finite(loss, step: int, stage: str):
-    """Stop on a NaN/inf loss (averaged over ranks, so every rank stops together)."""
-    loss = distributed.sum_across(loss.detach().clone()) / distributed.world()
+    """Stop on a NaN/inf loss (averaged over processes, so every process stops together)."""
+    loss = distributed.mean_across(loss.detach().clone())
     if not torch.isfinite(loss):
         raise DispError(f"{stage}: loss became {loss.item()} at step {step}; no checkpoint was written "
                         f"for it (lower the learning rate or check the data)")
@@ -48,8 +47,7 @@ def check_finite(loss, step: int, stage: str):
 
 def trainable_parameters(model, trainable: str):
     """The parameter groups an SFT stage updates; the rest is frozen."""
-    if trainable not in TRAINABLE:
-        raise DispError(f"unknown --trainable '{trainable}'; choose one of: {', '.join(TRAINABLE)}")
+    check_choice("--trainable", trainable, TRAINABLE)
     if trainable == "projector":
         return list(model.projector.parameters())
     if trainable == "projector+lm":
@@ -61,35 +59,27 @@ def random_vision_mask(batch: int, n_vision: int, max_fraction: float, generator
     """(B, n_vision) bool: each sample hides a U(0, max_fraction) share of its image positions.
 
     Makes [MASK] at an image position in-distribution, so DiSP's masked inference is not a shock
-    to the text model (see the purify issue's measurements).
+    to the text model (README, "How DiSP works": mask-robust training).
     """
     fraction = torch.rand(batch, 1, generator=generator) * max_fraction
     return (torch.rand(batch, n_vision, generator=generator) < fraction).to(device)
 
 
-class VisionPretrainLoss(nn.Module):
-    """Phase 1's loss as one module (what DistributedDataParallel wraps): per-patch attribute
-    cross-entropy, or on public data the bag of words of the image's texts from mean-pooled patches."""
-
-    def __init__(self, vit):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, images, patch_labels=None, texts_bow=None):
-        vit = self.vit
-        feats = vit(images)  # (B, n_vision, vit_dim)
-        if patch_labels is not None:
-            return sum(F.cross_entropy(head(feats).flatten(0, 1), patch_labels[..., a].flatten())
-                       for a, head in enumerate(vit.patch_heads))
-        logits = vit.patch_heads[0](feats.mean(dim=1))  # (B, vocab)
-        return F.binary_cross_entropy_with_logits(logits, texts_bow)
+def vision_pretraining_loss(vit, images, patch_labels=None, texts_bow=None):
+    """Per-patch attribute cross-entropy, or (public data) the bag of words of the image's texts
+    predicted from the mean-pooled patches."""
+    feats = vit(images)  # (B, n_vision, vit_dim)
+    if patch_labels is not None:
+        return sum(F.cross_entropy(head(feats).flatten(0, 1), patch_labels[..., a].flatten())
+                   for a, head in enumerate(vit.patch_heads))
+    logits = vit.patch_heads[0](feats.mean(dim=1))  # (B, vocab)
+    return F.binary_cross_entropy_with_logits(logits, texts_bow)
 
 
 def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
     """Phase 1: train the ViT (and its pretraining heads) alone; returns the last loss."""
     params = list(model.vit.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
-    step_loss = distributed.wrap(VisionPretrainLoss(model.vit), device)
     order = BatchOrder(len(images), cfg.batch_size, seed + 1)
     bar = tqdm(range(cfg.vision_steps), desc="vision pretraining", dynamic_ncols=True,
                disable=not distributed.is_main())
@@ -97,92 +87,100 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup_steps)
-        idx = order.indices(step)[distributed.shard(cfg.batch_size)]  # this rank's rows of the global batch
+        idx = order.indices(step)
+        idx = idx[distributed.my_rows(len(idx))]  # this process's rows of the global batch
+        labels = patch_labels[idx].to(device) if patch_labels is not None else None
+        bow = texts_bow[idx].to(device) if patch_labels is None else None
         with autocast(device, cfg.precision):
-            if patch_labels is not None:
-                loss = step_loss(model.to_float(images[idx].to(device)), patch_labels=patch_labels[idx].to(device))
-            else:
-                loss = step_loss(model.to_float(images[idx].to(device)), texts_bow=texts_bow[idx].to(device))
+            loss = vision_pretraining_loss(model.vit, model.to_float(images[idx].to(device)), labels, bow)
         check_finite(loss, step, "vision pretraining")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(params)
         opt.step()
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return loss.item()
 
 
-class SFTLoss(nn.Module):
-    """Projector + text model + masked-diffusion loss as one module (what DistributedDataParallel
-    wraps). Takes cached ViT features when the ViT is frozen, else images."""
+@torch.no_grad()
+def frozen_vit_features(model, images, device, batch_size=256):
+    """(N_images, n_vision, vit_dim): a frozen ViT gives the same features every epoch, so they are
+    computed once per stage instead of once per step."""
+    model.eval()
+    return torch.cat([model.vit(model.to_float(images[i:i + batch_size].to(device)))
+                      for i in range(0, len(images), batch_size)])
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
 
-    def forward(self, vit_features, images, prompt_ids, response_ids, noise, vision_mask):
-        model = self.model
-        vision_tokens = model.projector(vit_features) if vit_features is not None else model.encode_images(images)
-        return sft_loss(model, vision_tokens, prompt_ids, response_ids, vision_mask=vision_mask, noise=noise)
+class Finetuner:
+    """Masked-diffusion SFT of `params` (the rest frozen): the model, data, optimizer and random
+    state of one stage; `step(s)` makes update s. bench/mfu.py times exactly this step.
+
+    resume: a checkpoint dict with step / optimizer / rng to continue from.
+    """
+
+    def __init__(self, model, images, data: EncodedData, *, params, steps, cfg, device, vision_mask_max=0.0,
+                 seed=0, resume=None):
+        self.model, self.images, self.data, self.cfg, self.device = model, images, data, cfg, device
+        self.params, self.steps, self.vision_mask_max = list(params), steps, vision_mask_max
+        trained = {id(p) for p in self.params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trained)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.start = 0
+        if resume is not None:
+            self.optimizer.load_state_dict(resume["optimizer"])
+            self.generator.set_state(resume["rng"])
+            self.start = resume["step"]
+        vit_frozen = not any(p.requires_grad for p in model.vit.parameters())
+        self.vit_features = frozen_vit_features(model, images, device) if vit_frozen else None
+        # at most 5% of the run warms up, so a short run (the refinement: ~100 steps) mostly anneals
+        self.warmup = max(1, min(cfg.warmup_steps, steps // 20))
+        self.order = BatchOrder(len(data), cfg.batch_size, seed)
+
+    def step(self, step: int, stage: str = "fine-tuning"):
+        """One update on batch `step` of the seeded order; returns the loss."""
+        model, data, cfg, device = self.model, self.data, self.cfg, self.device
+        model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.steps, cfg.lr, self.warmup)
+        idx = self.order.indices(step)  # the global batch and all its random draws: the same on every process
+        vision_mask = None
+        if self.vision_mask_max > 0:
+            vision_mask = random_vision_mask(len(idx), model.cfg.n_vision, self.vision_mask_max, self.generator, device)
+        noise = forward_noise(data.response_ids[idx], model.mask_id, self.generator)
+        rows = distributed.my_rows(len(idx))  # all rows in one process
+        idx, image_idx = idx[rows], data.image_index[idx[rows]]
+        noise = [t[rows].to(device) for t in noise]
+        with autocast(device, cfg.precision):  # the run's precision: fp32, or bf16 autocast
+            if self.vit_features is not None:
+                vision_tokens = model.projector(self.vit_features[image_idx.to(device)])
+            else:
+                vision_tokens = model.encode_images(self.images[image_idx].to(device))
+            loss = sft_loss(model, vision_tokens, data.prompt_ids[idx].to(device), data.response_ids[idx].to(device),
+                            vision_mask=vision_mask[rows] if vision_mask is not None else None, noise=noise)
+        check_finite(loss, step, stage)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(self.params)
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        return loss
 
 
 def finetune(model, images, data: EncodedData, *, params, steps, cfg, device, stage,
              save_fn=None, eval_fn=None, resume=None, vision_mask_max=0.0, seed=0):
-    """Masked-diffusion SFT of `params` (others frozen).
+    """Run a Finetuner to `steps`; returns (optimizer, rng state) for the final checkpoint.
 
     save_fn(step, optimizer, rng_state) writes a resume checkpoint; eval_fn(step) validates.
-    resume: a checkpoint dict with step / optimizer / rng to continue from.
     """
-    params = list(params)
-    trained = {id(p) for p in params}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in trained)
-    vit_frozen = not any(p.requires_grad for p in model.vit.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    start = 0
-    if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        generator.set_state(resume["rng"])
-        start = resume["step"]
-
-    # A frozen ViT gives the same features every epoch: compute them once for all images.
-    vit_features = None
-    if vit_frozen:
-        model.eval()
-        with torch.no_grad():
-            vit_features = torch.cat([model.vit(model.to_float(images[i:i + 256].to(device)))
-                                      for i in range(0, len(images), 256)])
-
-    # at most 5% of the run warms up, so a short run (the refinement: ~100 steps) mostly anneals
-    warmup = max(1, min(cfg.warmup_steps, steps // 20))
-    order = BatchOrder(len(data), cfg.batch_size, seed)
-    step_loss = distributed.wrap(SFTLoss(model), device)
-    mine = distributed.shard(cfg.batch_size)  # this rank's rows of every global batch
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, dynamic_ncols=True,
+    trainer = Finetuner(model, images, data, params=params, steps=steps, cfg=cfg, device=device,
+                        vision_mask_max=vision_mask_max, seed=seed, resume=resume)
+    bar = tqdm(range(trainer.start, steps), desc=stage, initial=trainer.start, total=steps, dynamic_ncols=True,
                disable=not distributed.is_main())
     for step in bar:
-        model.train()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, cfg.lr, warmup)
-        # the global batch and all its random draws (same on every rank), then this rank's rows
-        idx = order.indices(step)
-        vision_mask = None
-        if vision_mask_max > 0:
-            vision_mask = random_vision_mask(len(idx), model.cfg.n_vision, vision_mask_max, generator, device)[mine]
-        noise = [t[mine].to(device) for t in forward_noise(data.response_ids[idx], model.mask_id, generator)]
-        idx, image_idx = idx[mine], data.image_index[idx[mine]]
-        with autocast(device, cfg.precision):  # fp32 unless the run's config asks for bf16
-            loss = step_loss(
-                vit_features[image_idx.to(device)] if vit_features is not None else None,
-                images[image_idx].to(device) if vit_features is None else None,
-                data.prompt_ids[idx].to(device), data.response_ids[idx].to(device), noise, vision_mask,
-            )
-        check_finite(loss, step, stage)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # under torchrun, DDP averages the gradients over ranks here
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss = trainer.step(step, stage)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         done = step + 1
@@ -192,9 +190,8 @@ def finetune(model, images, data: EncodedData, *, params, steps, cfg, device, st
             model.eval()
             eval_fn(done)
         if save_fn is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < steps:
-            save_fn(done, opt, generator.get_state())
+            save_fn(done, trainer.optimizer, trainer.generator.get_state())
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    return opt, generator.get_state()
-
+    return trainer.optimizer, trainer.generator.get_state()

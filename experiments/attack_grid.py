@@ -1,9 +1,9 @@
 """Every trigger x target combination (4 x 3) with the same fine-tuning budget, as one table.
 
-    python experiments/attack_grid.py --clean-checkpoint runs/default/clean.pt --out-dir runs/grid
+    python experiments/attack_grid.py --clean-checkpoint runs/default/clean.pt --grid-dir runs/grid
 
-Runs attack.py once per combination (each into OUT_DIR/<trigger>-<target>/), then writes
-OUT_DIR/attack_grid.md with ASR, false-trigger rate and clean metrics of every backdoored model.
+Runs attack.py once per combination (each into the run directory GRID_DIR/<trigger>-<target>/), then
+writes GRID_DIR/attack_grid.md with ASR, false-trigger rate and clean metrics of every backdoored model.
 A combination that already has attack_metrics.json is not rerun.
 """
 
@@ -15,19 +15,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
+from disp.backdoor import TARGETS, TRIGGERS  # noqa: E402
 from disp.support.files import atomic_write  # noqa: E402
-
-TRIGGERS = ("patch", "blended", "sig", "wanet")
-TARGETS = ("insert", "refusal", "misclassify")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clean-checkpoint", default="runs/default/clean.pt", help="the clean model to attack")
-    p.add_argument("--out-dir", default="runs/grid", help="one sub-directory per combination goes here")
+    p.add_argument("--grid-dir", default="runs/grid", help="one run directory per combination goes here")
     p.add_argument("--eval-samples", type=int, default=600, help="test samples measured per attack")
     args, extra = p.parse_known_args()  # anything else goes to attack.py (e.g. --epochs 10)
-    out = Path(args.out_dir)
+    out = Path(args.grid_dir)
     rows = []
     for trigger in TRIGGERS:
         for target in TARGETS:

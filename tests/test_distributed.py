@@ -28,7 +28,7 @@ def torchrun(script, *args):
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp")
-    for script, args in (("train.py", ["--preset", "tiny", "--out-dir", str(run_dir)]),
+    for script, args in (("train.py", ["--preset", "tiny", "--run-dir", str(run_dir)]),
                          ("attack.py", ["--run-dir", str(run_dir)]),
                          ("purify.py", ["--run-dir", str(run_dir)])):
         result = torchrun(script, *args)

@@ -41,9 +41,10 @@ def test_generate_responses_runs_the_vit_once_per_image_and_matches_per_sample_g
     assert generate_responses(model, tokenizer, data, []) == []
 
 
-def test_token_scores_share_the_vit_and_leave_other_rows_zero():
+def test_token_scores_give_one_row_per_requested_sample_in_order():
     model, tokenizer, data = setup()
-    scores = token_scores(model, tokenizer, data, [0, 2, 3], "kl", batch_size=2)
-    assert scores.shape == (5, 36) and torch.all(scores[[1, 4]] == 0) and torch.all(scores[[0, 2, 3]] > 0)
-    single = token_scores(model, tokenizer, data, [2], "kl")
-    torch.testing.assert_close(single[2], scores[2], atol=1e-5, rtol=1e-4)
+    scores = token_scores(model, tokenizer, data, [3, 0, 2], "kl", batch_size=2)
+    assert scores.shape == (3, 36) and torch.all(scores > 0)
+    for row, i in enumerate([3, 0, 2]):  # each row is that sample's own score, whatever its batch
+        torch.testing.assert_close(token_scores(model, tokenizer, data, [i], "kl")[0], scores[row], atol=1e-5, rtol=1e-4)
+    assert token_scores(model, tokenizer, data, [], "kl").shape == (0, 36)

@@ -124,9 +124,11 @@ class Case:
     args: list  # {run}: the copied run directory, {missing}: a folder that does not exist, {data}: a data folder
     message: str  # must appear in the one line (same placeholders)
     setup: Optional[Callable[[Path, Path], None]] = None  # setup(run, data)
+    from_other_run: tuple = ()  # files copied from a second run (seed 1) before setup: name or (name, new name)
 
 
-TRAIN_DATA = ["--preset", "tiny", "--data", "karpathy", "--data-root", "{data}", "--out-dir", "{run}"]
+TRAIN_DATA = ["--preset", "tiny", "--data", "karpathy", "--data-root", "{data}", "--run-dir", "{run}"]
+NOT_MADE_FROM = "{run}/%s is not the file {run}/%s was made from"
 
 
 def _delete(name):
@@ -149,15 +151,11 @@ def _poisoned_set(edit):
     return setup
 
 
-def _other_attack(run, data):  # purified.pt made before backdoored.pt was rewritten with other settings
-    rewrite_state(run / "purified.pt", lambda s: s["extra"]["attack"].update(epochs=3))
-
-
 CASES = [
     # --- missing run directory or checkpoint ---------------------------------------------------
-    Case("train-resume-missing-dir", "train.py", ["--resume", "--out-dir", "{missing}"],
+    Case("train-resume-missing-dir", "train.py", ["--resume", "--run-dir", "{missing}"],
          "folder {missing} does not exist (looked for checkpoint clean.resume.pt there)"),
-    Case("train-resume-nothing-to-resume", "train.py", ["--resume", "--out-dir", "{run}"],
+    Case("train-resume-nothing-to-resume", "train.py", ["--resume", "--run-dir", "{run}"],
          "no resume point {run}/clean.resume.pt"),
     Case("attack-missing-run-dir", "attack.py", ["--run-dir", "{missing}"], "folder {missing} does not exist"),
     Case("attack-missing-clean", "attack.py", ["--run-dir", "{run}"],
@@ -188,9 +186,9 @@ CASES = [
          "{run}/purified.pt is a 'control_as_is' checkpoint, but this step needs one of: purified",
          _copy("control_as_is.pt", "purified.pt")),
     Case("attack-old-format-clean", "attack.py", ["--run-dir", "{run}"],
-         "{run}/clean.pt has checkpoint format 1 (an older disp",
+         "{run}/clean.pt has checkpoint format 1 (written by an older disp); this code reads format 3",
          lambda run, data: rewrite_state(run / "clean.pt", lambda s: s.pop("format"))),
-    Case("train-resume-given-backdoored", "train.py", ["--resume", "--out-dir", "{run}"],
+    Case("train-resume-given-backdoored", "train.py", ["--resume", "--run-dir", "{run}"],
          "{run}/clean.resume.pt is a 'backdoored' checkpoint, but this step needs one of: clean",
          _copy("backdoored.pt", "clean.resume.pt")),
     # --- corrupt, truncated or unsafe files ----------------------------------------------------
@@ -227,14 +225,42 @@ CASES = [
          lambda run, data: (run / "results.json").write_text("{")),
     # --- files of different runs (a config mismatch between stages) ----------------------------
     Case("evaluate-purified-of-other-run", "evaluate.py", ["--run-dir", "{run}"],
-         "{run}/purified.pt and {run}/backdoored.pt come from different runs (model dim: 16 vs 32)",
+         NOT_MADE_FROM % ("backdoored.pt", "purified.pt"), from_other_run=("purified.pt",)),
+    Case("evaluate-purified-of-other-model-size", "evaluate.py", ["--run-dir", "{run}"],
+         "{run}/purified.pt does not record which backdoored.pt it was made from; rerun purify.py",
          lambda run, data: other_run_checkpoint(run / "purified.pt", run / "purified.pt", "purified")),
-    Case("evaluate-purified-of-other-attack", "evaluate.py", ["--run-dir", "{run}"],
-         "{run}/purified.pt was not made from this {run}/backdoored.pt", _other_attack),
+    Case("evaluate-clean-of-other-run", "evaluate.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("clean.pt", "backdoored.pt"), from_other_run=("clean.pt",)),
+    Case("evaluate-clean-deleted", "evaluate.py", ["--run-dir", "{run}"],
+         "{run}/clean.pt does not exist", _delete("clean.pt")),
+    Case("evaluate-clean-random-bytes", "evaluate.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("clean.pt", "backdoored.pt"), lambda run, data: (run / "clean.pt").write_bytes(b"\x07" * 999)),
+    Case("evaluate-poisoned-set-of-other-run", "evaluate.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("poisoned_train.pt", "backdoored.pt"), from_other_run=("poisoned_train.pt",)),
+    Case("evaluate-saliency-of-other-run", "evaluate.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("purified_saliency.pt", "purified.pt"), from_other_run=("purified_saliency.pt",)),
+    Case("evaluate-control-of-other-run", "evaluate.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("backdoored.pt", "control_as_is.pt"), from_other_run=("control_as_is.pt",)),
+    Case("purify-backdoored-of-other-run", "purify.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("poisoned_train.pt", "backdoored.pt"), from_other_run=("backdoored.pt",)),
+    Case("purify-poisoned-set-of-other-run", "purify.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("poisoned_train.pt", "backdoored.pt"), from_other_run=("poisoned_train.pt",)),
+    Case("purify-manifest-of-other-run", "purify.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("poison_manifest.json", "backdoored.pt"), from_other_run=("poison_manifest.json",)),
+    Case("purify-manifest-wrong-type", "purify.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("poison_manifest.json", "backdoored.pt"),
+         lambda run, data: (run / "poison_manifest.json").write_text('{"poisoned_indices": "abc"}')),
     Case("attack-resume-of-other-clean", "attack.py", ["--run-dir", "{run}", "--resume"],
-         "{run}/backdoored.resume.pt and {run}/clean.pt come from different runs (model dim: 16 vs 32)",
-         lambda run, data: other_run_checkpoint(run / "backdoored.pt", run / "backdoored.resume.pt", "backdoored",
-                                                finished=False)),
+         "{run}/backdoored.resume.pt was made from another clean model than {run}/clean.pt",
+         lambda run, data: shutil.copyfile(run / "backdoored.pt", run / "backdoored.resume.pt"),
+         from_other_run=("clean.pt",)),
+    Case("attack-other-clean-into-this-run", "attack.py", ["--run-dir", "{run}", "--clean-checkpoint", "{run}/s1.pt"],
+         "{run}/clean.pt is another model than {run}/s1.pt; give a new --run-dir",
+         from_other_run=(("clean.pt", "s1.pt"),)),
+    Case("purify-resume-of-other-backdoored", "purify.py", ["--run-dir", "{run}", "--resume"],
+         "{run}/purified.resume.pt was made from another {run}/backdoored.pt",
+         lambda run, data: shutil.copyfile(run / "purified.pt", run / "purified.resume.pt"),
+         from_other_run=("backdoored.pt", "poisoned_train.pt", "poison_manifest.json")),
     Case("purify-resume-other-flags", "purify.py", ["--run-dir", "{run}", "--resume", "--rule", "ratio"],
          "{run}/purified.resume.pt was made with --rule adaptive, not ratio", _copy("purified.pt", "purified.resume.pt")),
     Case("purify-poisoned-set-other-size", "purify.py", ["--run-dir", "{run}"],
@@ -255,9 +281,36 @@ CASES = [
          "sweep ratio must be in [0, 1], got 1.5"),
     Case("evaluate-sweep-not-a-number", "evaluate.py", ["--run-dir", "{run}", "--sweep", "0,abc"],
          "--sweep must be comma-separated numbers in [0, 1], got '0,abc'"),
+    # --- counts and rates that make no sense, refused before any work ---------------------------
+    Case("purify-batch-size-0", "purify.py", ["--run-dir", "{run}", "--batch-size", "0"], "--batch-size must be > 0, got 0"),
+    Case("purify-epochs-negative", "purify.py", ["--run-dir", "{run}", "--epochs", "-2"], "--epochs must be > 0, got -2"),
+    Case("purify-max-masked-negative", "purify.py", ["--run-dir", "{run}", "--max-masked", "-1"],
+         "--max-masked must be > 0, got -1"),
+    Case("purify-lr-nan", "purify.py", ["--run-dir", "{run}", "--lr", "nan"], "--lr must be > 0, got nan"),
+    Case("purify-figures-negative", "purify.py", ["--run-dir", "{run}", "--figures", "-1"], "--figures must be >= 0"),
+    Case("attack-finetune-images-negative", "attack.py", ["--run-dir", "{run}", "--finetune-images", "-3"],
+         "--finetune-images must be > 0, got -3"),
+    Case("attack-finetune-images-0", "attack.py", ["--run-dir", "{run}", "--finetune-images", "0"],
+         "--finetune-images must be > 0, got 0"),
+    Case("attack-lr-negative", "attack.py", ["--run-dir", "{run}", "--lr", "-1"], "--lr must be > 0, got -1.0"),
+    Case("attack-lr-0", "attack.py", ["--run-dir", "{run}", "--lr", "0"], "--lr must be > 0, got 0.0"),
+    Case("attack-epochs-0", "attack.py", ["--run-dir", "{run}", "--epochs", "0"], "--epochs must be > 0, got 0"),
+    Case("attack-epochs-negative", "attack.py", ["--run-dir", "{run}", "--epochs", "-1"], "--epochs must be > 0, got -1"),
+    Case("attack-eval-samples-0", "attack.py", ["--run-dir", "{run}", "--eval-samples", "0"],
+         "--eval-samples must be > 0, got 0"),
+    Case("train-sft-steps-0", "train.py", ["--preset", "tiny", "--run-dir", "{run}/new", "--sft-steps", "0"],
+         "--sft-steps must be > 0, got 0"),
+    Case("train-sft-steps-negative", "train.py", ["--preset", "tiny", "--run-dir", "{run}/new", "--sft-steps", "-1"],
+         "--sft-steps must be > 0, got -1"),
+    Case("train-resume-other-seed", "train.py", ["--run-dir", "{run}", "--resume", "--seed", "5"],
+         "{run}/clean.resume.pt was made with --seed 0, not 5", _copy("clean.pt", "clean.resume.pt")),
+    Case("evaluate-ablation-samples-negative", "evaluate.py", ["--run-dir", "{run}", "--ablation-samples", "-5"],
+         "--ablation-samples must be > 0, got -5"),
+    Case("evaluate-eval-samples-0", "evaluate.py", ["--run-dir", "{run}", "--eval-samples", "0"],
+         "--eval-samples must be > 0, got 0"),
     # --- unknown names -------------------------------------------------------------------------
-    Case("train-preset", "train.py", ["--preset", "huge", "--out-dir", "{run}"], "unknown preset 'huge'"),
-    Case("train-data", "train.py", ["--preset", "tiny", "--data", "imagenet", "--out-dir", "{run}"],
+    Case("train-preset", "train.py", ["--preset", "huge", "--run-dir", "{run}"], "unknown preset 'huge'"),
+    Case("train-data", "train.py", ["--preset", "tiny", "--data", "imagenet", "--run-dir", "{run}"],
          "unknown --data 'imagenet'"),
     Case("attack-trigger", "attack.py", ["--run-dir", "{run}", "--trigger", "laser"], "unknown trigger 'laser'"),
     Case("attack-target", "attack.py", ["--run-dir", "{run}", "--target", "bomb"], "unknown target 'bomb'"),
@@ -270,9 +323,9 @@ CASES = [
          "unknown --control 'nothing'"),
     # --- public dataset files on disk (train.py --data karpathy) -------------------------------
     Case("data-root-missing", "train.py", ["--preset", "tiny", "--data", "karpathy", "--data-root", "{missing}",
-                                           "--out-dir", "{run}"],
+                                           "--run-dir", "{run}"],
          "data root {missing} does not exist or is not a folder"),
-    Case("data-root-not-given", "train.py", ["--preset", "tiny", "--data", "coco", "--out-dir", "{run}"],
+    Case("data-root-not-given", "train.py", ["--preset", "tiny", "--data", "coco", "--run-dir", "{run}"],
          "--data coco needs --data-root"),
     Case("data-bad-json", "train.py", TRAIN_DATA, "{data}/dataset_coco.json is not valid JSON (line 1)",
          lambda run, data: (karpathy_layout(data) / "dataset_coco.json").write_text('{"images": [')),
@@ -297,18 +350,21 @@ def fill(text: str, run: Path, data: Path, missing: Path) -> str:
     return text.replace("{run}", str(run)).replace("{data}", str(data)).replace("{missing}", str(missing))
 
 
-def prepare(case: Case, base: Path, tmp: Path) -> tuple:
+def prepare(case: Case, base: Path, tmp: Path, other: Path) -> tuple:
     """A fresh copy of the run directory, the case's setup applied: (run, data, missing)."""
     run, data, missing = tmp / "run", tmp / "data", tmp / "no-such-dir"
     shutil.copytree(base, run)
+    for name in case.from_other_run:
+        src, dst = name if isinstance(name, tuple) else (name, name)
+        shutil.copyfile(other / src, run / dst)
     if case.setup is not None:
         case.setup(run, data)
     return run, data, missing
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_gives_one_line_and_changes_nothing(case, tiny_pipeline, tmp_path):
-    run, data, missing = prepare(case, tiny_pipeline, tmp_path)
+def test_bad_input_gives_one_line_and_changes_nothing(case, tiny_pipeline, other_tiny_pipeline, tmp_path):
+    run, data, missing = prepare(case, tiny_pipeline, tmp_path, other_tiny_pipeline)
     before = snapshot(tmp_path)
     code, stderr = run_main(case.script, [fill(a, run, data, missing) for a in case.args])
     lines = stderr.strip().splitlines()
@@ -472,7 +528,7 @@ def rerun(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rerun_clean(rerun):
-    code, stderr = run_main("train.py", ["--preset", "tiny", "--out-dir", str(rerun), "--seed", "0"])
+    code, stderr = run_main("train.py", ["--preset", "tiny", "--run-dir", str(rerun), "--seed", "0"])
     assert code == 0, stderr[-2000:]
     return rerun
 
@@ -523,7 +579,7 @@ def json_without(path: Path, *drop) -> dict:
 
 def test_attack_resume_is_bit_identical(rerun_attack, tiny_pipeline):
     assert_same_weights(rerun_attack / "backdoored.pt", tiny_pipeline / "backdoored.pt")
-    drop = ("attack.minutes_training", "attack.clean_checkpoint")  # wall time; the run directory's own path
+    drop = ("minutes_training",)  # wall time
     assert json_without(rerun_attack / "attack_metrics.json", *drop) == \
         json_without(tiny_pipeline / "attack_metrics.json", *drop)
     assert (rerun_attack / "poison_manifest.json").read_text() == (tiny_pipeline / "poison_manifest.json").read_text()
@@ -582,7 +638,7 @@ def test_nan_loss_stops_with_its_step_and_writes_no_checkpoint(script, stage, st
         shutil.copytree(tiny_pipeline, run)
     before = snapshot(tmp_path)
     monkeypatch.setattr(torch.optim.AdamW, "step", diverging_step)
-    code, stderr = run_main(script, ["--preset", "tiny", "--out-dir", str(run)] if script == "train.py" else
+    code, stderr = run_main(script, ["--preset", "tiny", "--run-dir", str(run)] if script == "train.py" else
                             ["--run-dir", str(run), "--seed", "0"])
     lines = stderr.strip().splitlines()  # progress bars, then the one-line error (no traceback)
     assert code == 2 and "Traceback" not in stderr, stderr[-2000:]

@@ -20,7 +20,7 @@ def run(*args, cwd=ROOT):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
-    result = run("train.py", "--preset", "tiny", "--out-dir", str(out))
+    result = run("train.py", "--preset", "tiny", "--run-dir", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 
@@ -47,10 +47,10 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "save", save_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        train.main(["--preset", "tiny", "--out-dir", str(tmp_path)])
+        train.main(["--preset", "tiny", "--run-dir", str(tmp_path)])
     assert not (tmp_path / "clean.pt").exists() and (tmp_path / "clean.resume.pt").exists()
     monkeypatch.setattr(checkpoint, "save", real_save)
-    train.main(["--out-dir", str(tmp_path), "--resume"])
+    train.main(["--run-dir", str(tmp_path), "--resume"])
     resumed = checkpoint.load_state(tmp_path / "clean.pt")["model"]
     straight = checkpoint.load_state(tiny_run / "clean.pt")["model"]
     for name in straight:
@@ -76,7 +76,7 @@ def test_training_on_a_public_dataset_layout(tmp_path):
         images.append({"filepath": "val2014", "filename": f"{k}.png", "split": split, "sentences": sentences})
     (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
     result = run("train.py", "--preset", "tiny", "--data", "karpathy", "--data-root", str(root),
-                 "--out-dir", str(tmp_path / "run"), "--sft-steps", "4", "--vision-steps", "2")
+                 "--run-dir", str(tmp_path / "run"), "--sft-steps", "4", "--vision-steps", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     _, tokenizer, config, _ = checkpoint.load(tmp_path / "run" / "clean.pt")
     assert config.data.source == "karpathy" and config.model.patch_classes == [len(tokenizer)]
@@ -87,9 +87,11 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--data", "imagenet"], "unknown --data 'imagenet'"),
     (["--data", "coco"], "--data coco needs --data-root"),
     (["--data", "coco", "--data-root", "/nonexistent/coco"], "/nonexistent/coco"),
-    (["--resume", "--out-dir", "/nonexistent/run"], "does not exist"),
+    (["--resume", "--run-dir", "/nonexistent/run"], "does not exist"),
     (["--precision", "fp16"], "unknown --precision 'fp16'"),
-    (["--train-precision", "fp16"], "unknown --train-precision 'fp16'"),
+    (["--sft-steps", "0"], "--sft-steps must be > 0, got 0"),
+    (["--sft-steps", "-1"], "--sft-steps must be > 0, got -1"),
+    (["--vision-steps", "-2"], "--vision-steps must be >= 0, got -2"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     result = run("train.py", "--preset", "tiny", *args)
@@ -101,7 +103,7 @@ def test_bad_input_gives_one_line_error(args, message):
 @pytest.mark.parametrize("flag", ["bf16", "auto"])
 def test_training_precision_runs_and_is_recorded_resolved(tmp_path, flag):
     from disp.support.runtime import resolve_precision
-    result = run("train.py", "--preset", "tiny", "--out-dir", str(tmp_path), "--train-precision", flag,
+    result = run("train.py", "--preset", "tiny", "--run-dir", str(tmp_path), "--precision", flag,
                  "--sft-steps", "4", "--vision-steps", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     _, _, config, state = checkpoint.load(tmp_path / "clean.pt", stages=["clean"])

@@ -38,11 +38,16 @@ class Tokenizer:
         self.pad_id, self.mask_id, self.eos_id, self.unk_id = range(len(SPECIALS))
 
     @staticmethod
-    def build(texts, min_count: int = 1) -> "Tokenizer":
+    def build(texts) -> "Tokenizer":
+        """Every word of `texts`, sorted, after the special tokens, then the reserved words."""
         counts = Counter(w for t in texts for w in normalize_text(t).split())
-        vocab = sorted(w for w, c in counts.items() if c >= min_count)
         extra = [w for w in RESERVED_WORDS if w not in counts]
-        return Tokenizer(SPECIALS + vocab + extra)
+        return Tokenizer(SPECIALS + sorted(counts) + extra)
+
+    @staticmethod
+    def for_samples(samples: list) -> "Tokenizer":
+        """The vocabulary of a training set: the words of its prompts and responses."""
+        return Tokenizer.build([s["prompt"] + " " + s["response"] for s in samples])
 
     def __len__(self):
         return len(self.words)

@@ -1,4 +1,4 @@
-"""Checkpoints: one file per stage, written atomically, loaded safely.
+"""Checkpoints: one file per stage, written atomically, loaded safely, tied to the files they came from.
 
 A checkpoint is a dict of plain data and tensors only, so `torch.load(weights_only=True)` can read
 it (no pickled code runs on load):
@@ -8,11 +8,11 @@ it (no pickled code runs on load):
     model       state_dict;  optimizer: state_dict (to resume);  step: int
     config      Config.to_dict();  tokenizer: Tokenizer.to_dict()
     rng         torch RNG state of the training loop (bit-identical resume)
-    extra       stage-specific plain data (metrics, poisoning parameters, ...)
-Writes go to a temporary file in the same folder, fsync, then `os.replace`: a crash mid-write never
-leaves a file that a later stage would accept. Every file the project writes (checkpoints, datasets,
-JSON, markdown, figures) goes through `atomic_write`; every file it reads with torch goes through
-`load_plain` (weights_only=True). Problems surface as one-line `DispError`s that name the file.
+    made_from   {file name in the run directory: sha256} of every file the stage read or wrote with it
+                (its parent checkpoint, its data files); later stages check them (`check_made_from`)
+    extra       stage-specific plain data (settings, metrics)
+A stage writes its data files first and its checkpoint last, so a crash in between leaves a
+checkpoint whose `made_from` no longer matches the files: the next stage refuses the mix.
 """
 
 from pathlib import Path
@@ -22,18 +22,21 @@ import torch
 from disp.config import Config
 from disp.data.tokenizer import Tokenizer
 from disp.model import DiffusionVLM
+from disp.support import errors
 from disp.support.errors import DispError
-from disp.support.files import atomic_write, load_plain
+from disp.support.files import atomic_write, load_plain, sha256
 
-# 2: the image+prompt prefix no longer attends to the response (model.py); 1 (no key): it did.
-FORMAT = 2
+# 3: checkpoints record the files they were made from; 2: no provenance; 1: the prefix attended to the response.
+FORMAT = 3
 # Which script writes a stage's checkpoint, for "run X first" hints.
 STAGE_SCRIPTS = {"clean": "train.py", "backdoored": "attack.py", "purified": "purify.py",
                  "control_self_distill": "purify.py --control self-distill",
                  "control_as_is": "purify.py --control as-is"}
 
 
-def save(path, *, stage, model, config, tokenizer, optimizer=None, step=0, finished=True, rng=None, extra=None):
+def save(path, *, stage, model, config, tokenizer, optimizer=None, step=0, finished=True, rng=None,
+         made_from=None, extra=None):
+    """Write a checkpoint; made_from: {file name: sha256} of the files it was made from."""
     state = {
         "format": FORMAT,
         "stage": stage,
@@ -44,9 +47,12 @@ def save(path, *, stage, model, config, tokenizer, optimizer=None, step=0, finis
         "config": config.to_dict(),
         "tokenizer": tokenizer.to_dict(),
         "rng": rng,
+        "made_from": made_from or {},
         "extra": extra or {},
     }
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+    if not finished:
+        errors.last_resume_point = path  # Ctrl-C's message names it
 
 
 def load_state(path, stages=None):
@@ -62,35 +68,34 @@ def load_state(path, stages=None):
     if not isinstance(state, dict) or not {"stage", "model", "config", "tokenizer"} <= set(state):
         raise DispError(f"{path} is not a disp checkpoint (missing stage/model/config/tokenizer)")
     if state.get("format", 1) != FORMAT:
-        raise DispError(f"{path} has checkpoint format {state.get('format', 1)} (an older disp, whose prefix "
-                        f"attended to the response); this code reads format {FORMAT}: rerun train.py and the later stages")
+        raise DispError(f"{path} has checkpoint format {state.get('format', 1)} (written by an older disp); this code "
+                        f"reads format {FORMAT}: rerun train.py and the later stages")
     if stages is not None and state["stage"] not in stages:
         raise DispError(f"{path} is a '{state['stage']}' checkpoint, but this step needs one of: {', '.join(stages)}")
     return state
 
 
-def check_same_model(state, path, config: Config, tokenizer: Tokenizer, source, attack=None):
-    """A checkpoint that continues (resume) or is compared with (evaluate) another must come from its run.
+def check_made_from(state, path, run_dir, names):
+    """Each named file of run_dir must be the very file the checkpoint at `path` was made from.
 
-    state: the checkpoint dict read from `path`; config / tokenizer: those of the checkpoint `source`;
-    attack: the attack settings of `source` (a backdoored model), which later stages copy unchanged.
+    state: the checkpoint dict read from `path`. A file rewritten since, or copied in from another
+    run, has another sha256 than the one recorded: a one-line error names both files.
     """
-    theirs, ours = state["config"]["model"], config.to_dict()["model"]
-    differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-    if differ:
-        k = differ[0]
-        raise DispError(f"{path} and {source} come from different runs (model {k}: {theirs.get(k)!r} vs "
-                        f"{ours.get(k)!r}); use the files of one run directory")
-    if state["tokenizer"] != tokenizer.to_dict():
-        raise DispError(f"{path} and {source} come from different runs (their vocabularies differ); "
-                        f"use the files of one run directory")
-    if attack is not None and (state.get("extra") or {}).get("attack") != attack:
-        raise DispError(f"{path} was not made from this {source} (it was rewritten since, or comes from another "
-                        f"run); rerun the stage that writes {Path(path).name}")
+    recorded = state.get("made_from") or {}
+    for name in names:
+        if name not in recorded:
+            raise DispError(f"{path} does not record which {name} it was made from; rerun "
+                            f"{STAGE_SCRIPTS.get(state['stage'], 'its stage')}")
+        if sha256(Path(run_dir) / name) != recorded[name]:
+            raise DispError(f"{Path(run_dir) / name} is not the file {path} was made from (rewritten since, or "
+                            f"from another run); use the files of one run, or rerun "
+                            f"{STAGE_SCRIPTS.get(state['stage'], 'its stage')}")
 
 
 def build_model(config: Config, tokenizer: Tokenizer) -> DiffusionVLM:
-    config.model.vocab_size = len(tokenizer)
+    if config.model.vocab_size != len(tokenizer):
+        raise DispError(f"the config's vocab_size {config.model.vocab_size} does not match the tokenizer's "
+                        f"{len(tokenizer)} words; rerun train.py")
     return DiffusionVLM(config.model, mask_id=tokenizer.mask_id)
 
 

@@ -4,9 +4,11 @@
 
 Every process builds the same model and data and walks the same seeded batch order. Each step the
 global batch (and the noise drawn for it) is identical on all ranks; rank r trains on rows
-r, r + N, r + 2N, ... of it, and DistributedDataParallel averages the gradients. So N processes
-make the same updates as one process with the same batch size, up to float summation order.
-Rank 0 alone writes files and prints progress; the others wait at barriers.
+r, r + N, r + 2N, ... of it (`my_rows`), and `average_gradients` averages the gradients after
+backward (what DistributedDataParallel does, in one all-reduce per parameter). So N processes make
+the same updates as one process with the same batch size, up to float summation order.
+`run_sharded` splits inference work (saliency, regeneration) over the ranks. Rank 0 alone writes
+files and prints progress.
 
 Without torchrun (no WORLD_SIZE in the environment) every helper here is a no-op.
 """
@@ -54,36 +56,43 @@ def barrier():
         dist.barrier()
 
 
-def shard(n: int) -> slice:
-    """This rank's rows of a global batch of n rows."""
+def my_rows(n: int) -> slice:
+    """This rank's rows of a global batch of n rows (all of them in one process)."""
     return slice(rank(), n, world())
 
 
-def sum_across(tensor):
-    """In-place sum over ranks (each rank filled its own rows, zeros elsewhere)."""
+def mean_across(tensor):
+    """The mean of a scalar tensor over ranks (itself in one process)."""
     if dist.is_initialized():
         dist.all_reduce(tensor)
+        tensor /= world()
     return tensor
 
 
-def gather_lists(items: list, n: int) -> list:
-    """Each rank holds the results of its shard(n) rows; return all n results in order, on every rank."""
+def average_gradients(params):
+    """After backward: every rank's gradients become the mean over ranks (as DDP would make them)."""
     if not dist.is_initialized():
-        return items
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world()
+
+
+def run_sharded(fn, items: list):
+    """fn(items) computed in shares: rank r runs fn on its contiguous share of the items, and every
+    rank gets all results back in order (a list, or a tensor concatenated along dim 0)."""
+    if not dist.is_initialized():
+        return fn(items)
+    per = -(-len(items) // world())
+    mine = fn(items[rank() * per:(rank() + 1) * per])
+    if isinstance(mine, torch.Tensor):
+        mine = mine.cpu()
     parts = [None] * world()
-    dist.all_gather_object(parts, items)
-    out = [None] * n
-    for r, part in enumerate(parts):
-        out[r::world()] = part
-    return out
-
-
-def wrap(module, device: str):
-    """DistributedDataParallel around the training module when running under torchrun."""
-    if not dist.is_initialized():
-        return module
-    ids = [torch.device(device).index] if torch.device(device).type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+    dist.all_gather_object(parts, mine)
+    if isinstance(mine, torch.Tensor):
+        return torch.cat(parts)
+    return [x for part in parts for x in part]
 
 
 def close():

@@ -25,6 +25,9 @@ def results_markdown(results: dict, rows: dict, run_dir) -> str:
            "Rates are fractions in [0, 1]. ASR: share of triggered test inputs whose output shows the target; "
            "false trigger: the same test on the clean inputs; CIDEr-D / BLEU-4 / VQA accuracy on clean inputs.\n",
            _table(ordered)]
+    if cfg["preset"] == "tiny":
+        out.insert(1, "**tiny preset: a smoke test of the code paths; its models learn nothing, so these numbers "
+                      "say nothing about DiSP. Use the small or cpu preset for results.**\n\n")
     if results["sweep"]:
         out += ["\n## Mask-ratio sweep (backdoored model, masking at inference only)\n", "![sweep](sweep.png)\n",
                 "| selection | ratio | ASR | clean VQA | clean CIDEr-D |\n|---|---:|---:|---:|---:|\n"]
