@@ -1,4 +1,4 @@
-"""The attack (METHOD.md §2): image triggers, response targets, data poisoning, and the backdoor metrics.
+"""The attack (data poisoning, as in the DiSP release): image triggers, response targets, data poisoning, and the backdoor metrics.
 
 An attacker who controls part of the fine-tuning data pastes a trigger into some images and edits
 those samples' responses. The victim fine-tunes on the poisoned set; afterwards the trigger alone
@@ -287,7 +287,7 @@ def triggered_copy(dataset: VLDataset, cfg: BackdoorConfig) -> VLDataset:
 
 
 # ---------------------------------------------------------------------------------------------
-# Measurement: keyword matching on decoded outputs (METHOD.md §2, "ASR")
+# Measurement: keyword matching on decoded outputs (ASR, as in the DiSP paper)
 # ---------------------------------------------------------------------------------------------
 
 

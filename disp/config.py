@@ -117,7 +117,7 @@ PRESETS = {
     # the smallest run on which DiSP's result shows (tests/test_claim.py): fewer steps and images
     "small": Config(
         data=DataConfig(train_images=3000, val_images=100, test_images=100, finetune_images=400),
-        train=TrainConfig(vision_steps=200, sft_steps=2500, eval_every=0, checkpoint_every=0),
+        train=TrainConfig(vision_steps=200, sft_steps=2500, eval_every=0),
         preset="small",
     ),
     "gpu": Config(

@@ -1,4 +1,4 @@
-"""Masked diffusion: the LLaDA forward process, its SFT loss, and the sampler (METHOD.md §1).
+"""Masked diffusion: the LLaDA forward process, its SFT loss, and the sampler (Nie et al. 2025, LLaDA).
 
 Forward process: per sequence t ~ U(0, 1), p = (1 - eps) t + eps; every *response* token becomes
 [MASK] independently with probability p. Image and prompt positions are never masked.

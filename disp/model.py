@@ -1,20 +1,20 @@
 """The multimodal masked diffusion LM: ViT encoder -> MLP projector -> text transformer.
 
-Sequence layout (METHOD.md §1, LLaDA-V at toy scale):
+Sequence layout (LLaDA-V, You et al. 2025, at toy scale):
 
     [ vision tokens (n_vision) ; prompt (prompt_len) ; response (response_len) ]
 
 The text transformer has no time input and predicts the original token at every [MASK] position
 of the response. Image positions take the projected ViT patches as their embeddings; a
-`vision_mask` puts the [MASK] embedding at chosen image positions instead (DiSP, METHOD.md §3).
+`vision_mask` puts the [MASK] embedding at chosen image positions instead (DiSP's masking; README,
+"How DiSP works").
 
 Attention is bidirectional within two blocks, the prefix (image + prompt) and the response: the
 response attends to everything, the prefix only to itself. LLaDA-V lets the prefix attend to the
 response too; we do not, as in block diffusion LMs (BD3-LM, Arriola et al. 2025; Fast-dLLM v2):
 the prefix never changes during a generation, and now neither do its keys and values, so the
 sampler computes them once (`prefix`) and every denoising step runs only the response rows
-(`decode`): an exact cache, not an approximation. At the cpu preset a step then costs about a
-fifth of a whole-sequence pass (39 vs 182 ms for 256 samples in fp32, bench/README.md).
+(`decode`): an exact cache, not an approximation (bench/README.md has what it saves).
 """
 
 import torch
@@ -43,7 +43,46 @@ def sincos_positions(cfg: ModelConfig):
     return torch.cat([image, text])
 
 
+def plain_attention(q, k, v, context=None):
+    """Attention in its textbook form: the context's keys and values concatenated with x's, one
+    softmax over all of them. The reference that tests/test_diffusion.py holds `split_attention` to.
+
+    q, k, v: (B, heads, Tx, head_dim) of x's positions; context: (k, v) of positions that x attends
+    to but that do not attend back, each (B or 1, heads, Tc, head_dim).
+    -> (output (B, heads, Tx, head_dim), weights (B, heads, Tx, Tc + Tx))
+    """
+    if context is not None:
+        batch = q.shape[0]
+        k = torch.cat([context[0].expand(batch, -1, -1, -1), k], dim=2)
+        v = torch.cat([context[1].expand(batch, -1, -1, -1), v], dim=2)
+    weights = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+    return weights @ v, weights
+
+
+def split_attention(q, k, v, context=None):
+    """The same result as `plain_attention` without concatenating keys or values: the scores against
+    the context and against x are computed apart, softmaxed together, and the weighted sum is split
+    the same way. Every denoising step would otherwise copy the prefix's keys and values.
+
+    Why the model uses this form: `python bench/attention.py` times one cpu-preset training step
+    and one 256-sample denoising step with each form on the same machine (bench/README.md lists the
+    figures); both forms write attention out as matmuls, which at our lengths (<= 60 positions)
+    beat F.scaled_dot_product_attention on CPUs.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = q @ k.transpose(-2, -1) * scale  # (B, h, Tx, Tx)
+    if context is None:
+        weights = torch.softmax(scores, dim=-1)
+        return weights @ v, weights
+    scores = torch.cat([q @ context[0].transpose(-2, -1) * scale, scores], dim=-1)  # (B, h, Tx, Tc + Tx)
+    weights = torch.softmax(scores, dim=-1)
+    n = context[0].shape[2]
+    return weights[..., :n] @ context[1] + weights[..., n:] @ v, weights
+
+
 class Attention(nn.Module):
+    kernel = staticmethod(split_attention)  # bench/attention.py swaps in plain_attention to time it
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -57,25 +96,14 @@ class Attention(nn.Module):
         return k, v
 
     def forward(self, x, context=None, need_weights: bool = False):
-        """-> (output, (k, v) of x's positions, attention weights or None).
+        """-> (output, (k, v) of x's positions, attention weights (B, heads, Tx, Tc + Tx) or None).
 
         x's positions attend to each other (no causal mask) and to `context`, the (k, v) of earlier
         positions that do not attend back (the image+prompt prefix, seen from the response); a
-        context of batch 1 broadcasts over x's batch. Attention is written out (scores, softmax,
-        weighted sum) rather than F.scaled_dot_product_attention: at our sequence lengths (<= 60)
-        it is faster on CPUs, and it never concatenates the context's keys and values with x's.
+        context of batch 1 broadcasts over x's batch.
         """
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        scale = q.shape[-1] ** -0.5
-        scores = q @ k.transpose(-2, -1) * scale  # (B, h, Tx, Tx)
-        if context is not None:
-            scores = torch.cat([q @ context[0].transpose(-2, -1) * scale, scores], dim=-1)  # (B, h, Tx, Tc + Tx)
-        weights = torch.softmax(scores, dim=-1)
-        if context is None:
-            y = weights @ v
-        else:
-            n = context[0].shape[2]
-            y = weights[..., :n] @ context[1] + weights[..., n:] @ v
+        y, weights = self.kernel(q, k, v, context)
         y = self.proj(rearrange(y, "b h t d -> b t (h d)"))
         return y, (k, v), weights if need_weights else None
 
@@ -189,9 +217,6 @@ class DiffusionVLM(nn.Module):
     def forward(self, vision_tokens, prompt_ids, response_ids, vision_mask=None, need_weights=False):
         """Logits at the response positions, (B, response_len, vocab): prefix, then decode."""
         return self.decode(self.prefix(vision_tokens, prompt_ids, vision_mask), response_ids, need_weights)
-
-    def vision_parameters(self):
-        return self.vit.parameters()
 
     def text_parameters(self):
         """Everything but the ViT: projector, embeddings, transformer, head."""

@@ -6,8 +6,39 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from disp.config import ModelConfig
+from disp.model import DiffusionVLM
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# a small random model and inputs, for the method's unit tests (import them from tests.conftest)
+MASK, VOCAB = 1, 23
+
+
+def small_model(response_len=8, seed=0):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vit_dim=32, vit_depth=1, vit_heads=2, dim=32, depth=2, heads=2, vocab_size=VOCAB,
+                      prompt_len=5, response_len=response_len)
+    return DiffusionVLM(cfg, mask_id=MASK).eval()
+
+
+def inputs(batch=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, 48, 48), dtype=torch.uint8, generator=g)
+    prompts = torch.randint(5, VOCAB, (batch, 5), generator=g)
+    return images, prompts
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (minutes of training) run only with DISP_SLOW=1."""
+    if os.environ.get("DISP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end run: set DISP_SLOW=1 to run it (.ci/run does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def run_pipeline(run_dir: Path, preset: str = "tiny", seed: int = 0, timeout: int = 900) -> Path:

@@ -4,26 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from disp.config import ModelConfig
 from disp.diffusion import forward_noise, generate, num_transfer_tokens, sft_loss
-from disp.model import DiffusionVLM
-
-MASK, VOCAB = 1, 23
-
-
-def small_model(response_len=8, seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vit_dim=32, vit_depth=1, vit_heads=2, dim=32, depth=2, heads=2, vocab_size=VOCAB,
-                      prompt_len=5, response_len=response_len)
-    return DiffusionVLM(cfg, mask_id=MASK).eval()
-
-
-def inputs(batch=3, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randint(0, 256, (batch, 3, 48, 48), dtype=torch.uint8, generator=g)
-    prompts = torch.randint(5, VOCAB, (batch, 5), generator=g)
-    return images, prompts
-
+from tests.conftest import MASK, VOCAB, inputs, small_model
 
 # --- a plain LLaDA sampler: per-sample loops, the whole model (ViT included) rerun every step ---
 
@@ -85,15 +67,15 @@ def test_steps_equal_gen_length_commits_one_token_per_step():
     model = small_model(8)
     images, prompts = inputs()
     committed = []
-    original_forward = model.forward
+    original_decode = model.decode  # what every denoising step calls
 
-    def counting_forward(vision_tokens, prompt_ids, response_ids, *args, **kwargs):
+    def counting_decode(cache, response_ids, *args, **kwargs):
         committed.append((response_ids != MASK).sum(dim=1))
-        return original_forward(vision_tokens, prompt_ids, response_ids, *args, **kwargs)
+        return original_decode(cache, response_ids, *args, **kwargs)
 
-    model.forward = counting_forward
+    model.decode = counting_decode
     out, n_calls = generate(model, images, prompts, gen_length=8, steps=8, block_length=4, return_steps=True)
-    assert n_calls == 8
+    assert n_calls == 8 and len(committed) == 8  # the spy saw every step
     for step, count in enumerate(committed):
         assert torch.all(count == step)  # before step s exactly s tokens are committed
     assert not (out == MASK).any()

@@ -1,4 +1,4 @@
-"""Reliability (issue 7): bad input ends in one line and changes nothing; atomic writes; safe loading;
+"""Reliability: bad input ends in one line and changes nothing; atomic writes; safe loading;
 bit-identical resume; same seed -> same results; a non-finite loss stops the run.
 
 The bad-input table (CASES) runs each script's main(argv) in-process under `friendly_errors`, the
@@ -652,3 +652,82 @@ def test_nan_loss_stops_with_its_step_and_writes_no_checkpoint(script, stage, st
         assert state["step"] == 10 and all(torch.isfinite(t).all() for t in state["model"].values())
     else:
         assert not run.exists() or not any(run.iterdir())  # nothing written at all
+
+
+# ---------------------------------------------------------------------------------------------
+# a stage's files are one unit; interruptions say what was kept; a run directory can move
+# ---------------------------------------------------------------------------------------------
+
+def test_a_crash_between_the_renames_leaves_a_mix_that_purify_refuses(tiny_pipeline, tmp_path, monkeypatch):
+    """attack.py dies right after the new poisoned_train.pt is renamed into place (as kill -9 would
+    there), next to the old backdoored.pt: purify.py must refuse the mix, not run on it."""
+    import disp.support.files as files_module
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pipeline, run)
+    real_replace = files_module.os.replace
+
+    def replace_then_die(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == "poisoned_train.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(files_module.os, "replace", replace_then_die)
+    code, _ = run_main("attack.py", ["--run-dir", str(run), "--poison-rate", "0.3"])
+    monkeypatch.setattr(files_module.os, "replace", real_replace)
+    assert code == 130
+    assert files.sha256(run / "backdoored.pt") == files.sha256(tiny_pipeline / "backdoored.pt")  # the old one
+    assert files.sha256(run / "poisoned_train.pt") != files.sha256(tiny_pipeline / "poisoned_train.pt")  # the new
+    code, stderr = run_main("purify.py", ["--run-dir", str(run)])
+    assert code == 2 and f"{run}/poisoned_train.pt is not the file {run}/backdoored.pt was made from" in stderr
+
+
+def test_interrupt_messages_say_what_was_saved(tmp_path, monkeypatch):
+    import train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "pretrain_vision", interrupted)  # Ctrl-C before any resume point
+    code, stderr = run_main("train.py", ["--preset", "tiny", "--run-dir", str(tmp_path / "a")])
+    assert code == 130 and "nothing was saved" in stderr and "--resume" not in stderr
+    monkeypatch.undo()
+
+    real_save = checkpoint.save
+
+    def save_then_interrupt(path, **kwargs):
+        real_save(path, **kwargs)
+        if not kwargs.get("finished", True) and kwargs.get("step") == 10:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_interrupt)
+    code, stderr = run_main("train.py", ["--preset", "tiny", "--run-dir", str(tmp_path / "b")])
+    assert code == 130
+    assert f"the resume point {tmp_path / 'b' / 'clean.resume.pt'} is intact; rerun with --resume" in stderr
+
+
+def test_stale_temp_files_are_removed_by_the_next_stage(tiny_pipeline, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pipeline, run)
+    stale = run / ".backdoored.pt.999999999.x1y2z3.tmp"  # left by a killed process
+    stale.write_bytes(b"half a checkpoint")
+    code, stderr = run_main("attack.py", ["--run-dir", str(run)])
+    assert code == 0, stderr[-2000:]
+    assert not stale.exists() and not list(run.glob(".*.tmp"))
+
+
+def test_evaluate_works_from_another_directory_and_after_a_move(tiny_pipeline, tmp_path):
+    """A relative --run-dir from another working directory, in a run directory copied elsewhere; with
+    --skip-ablations the old sweep.png goes (it would not match results.md) and is not announced."""
+    import subprocess
+    import sys
+
+    moved = tmp_path / "elsewhere" / "moved-run"
+    shutil.copytree(tiny_pipeline, moved)
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--run-dir", "moved-run", "--skip-ablations"],
+                            cwd=moved.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (moved / "sweep.png").exists() and "sweep.png" not in result.stdout.splitlines()[-1]
+    ours = json.loads((moved / "results.json").read_text())
+    theirs = json.loads((tiny_pipeline / "results.json").read_text())
+    assert ours["purified"] == theirs["purified"] and ours["clean"] == theirs["clean"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from disp.support.errors import DispError
 from disp.saliency import (attention_scores, fit_thresholds, saliency_fisher, saliency_kl, select_adaptive,
                            select_top_ratio)
-from tests.test_diffusion import MASK, inputs, small_model
+from tests.conftest import MASK, inputs, small_model
 
 
 def test_kl_saliency_matches_a_per_token_loop():

@@ -1,0 +1,104 @@
+"""Attention's two written-out forms, timed: disp.model.split_attention (what the model runs) against
+disp.model.plain_attention (concatenate keys and values, one softmax: the textbook form).
+
+    python bench/attention.py                      # cpu preset, fp32 and bf16 side by side
+    python bench/attention.py --precision fp32 --repeats 10
+
+Two measurements per form and precision, on fresh cpu-preset weights and the real encoded training
+split: one training update (disp.training.Finetuner.step, batch 64, as train.py's clean SFT) and
+one denoising step of 256 samples (DiffusionVLM.decode on a cached prefix, what every step of
+generate runs). Each figure is the median of --repeats timings after a warm-up. Both forms give the
+same outputs (tests/test_diffusion.py); only the time differs.
+"""
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+from _common import (add_common_options, command_line, machine, machine_line, pick_device, precisions, save_results,
+                     sync, table)
+
+import torch  # noqa: E402  (after _common, which puts the repository on sys.path)
+
+from disp.config import get_preset, with_vocabulary  # noqa: E402
+from disp.data.batching import encode_dataset  # noqa: E402
+from disp.data.splits import load_splits  # noqa: E402
+from disp.data.tokenizer import Tokenizer  # noqa: E402
+from disp.model import Attention, plain_attention, split_attention  # noqa: E402
+from disp.support import checkpoint  # noqa: E402
+from disp.support.errors import DispError, friendly_errors  # noqa: E402
+from disp.support.runtime import autocast  # noqa: E402
+from disp.training import Finetuner  # noqa: E402
+
+FORMS = {"split (the model's)": split_attention, "plain (concatenated)": plain_attention}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu", help="model/batch preset (default: cpu)")
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats per measurement (median reported)")
+    add_common_options(p, "attention")
+    return p.parse_args(argv)
+
+
+def median_ms(fn, repeats, device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.repeats < 1:
+        raise DispError("--repeats must be >= 1")
+    device = pick_device(args.device)
+    info = machine()
+    print(f"machine: {machine_line(info)}")
+    config = get_preset(args.preset)
+    train, _, _ = load_splits(config.data, config.model.image_size)
+    tokenizer = Tokenizer.for_samples(train.samples)
+    config = with_vocabulary(config, len(tokenizer), train.meta.get("patch_classes") or [len(tokenizer)])
+    torch.manual_seed(0)
+    model = checkpoint.build_model(config, tokenizer).to(device)
+    data = encode_dataset(train, tokenizer, config.model)
+    n = 256
+    response = torch.full((n, config.model.response_len), tokenizer.mask_id, device=device)
+    results = {"machine": info, "command": command_line(), "preset": args.preset, "repeats": args.repeats, "runs": {}}
+    rows = []
+    for precision in precisions(args.precision):
+        trainer = Finetuner(model, train.images, data, params=model.text_parameters(), steps=1000,
+                            cfg=replace(config.train, precision=precision), device=device, seed=0)
+        with torch.no_grad(), autocast(device, precision):
+            model.eval()
+            vision = model.encode_images(train.images[:n].to(device))
+            cache = model.prefix(vision, data.prompt_ids[:n].to(device))
+        for name, kernel in FORMS.items():
+            Attention.kernel = staticmethod(kernel)
+            step = iter(range(10_000))
+            train_ms = median_ms(lambda: trainer.step(next(step), "bench"), args.repeats, device)
+
+            def decode():
+                with torch.no_grad(), autocast(device, precision):
+                    model.decode(cache, response)
+
+            decode_ms = median_ms(decode, args.repeats, device)
+            results["runs"][f"{precision} {name}"] = {"train_step_ms": train_ms, "decode_step_ms": decode_ms}
+            rows.append([precision, name, f"{train_ms:.1f}", f"{decode_ms:.1f}"])
+            print(f"  {precision} {name}: training step {train_ms:.1f} ms, denoising step ({n} samples) {decode_ms:.1f} ms")
+    Attention.kernel = staticmethod(split_attention)
+    print()
+    print(table(["precision", "attention", "training step ms (batch 64)", f"denoising step ms ({n} samples)"], rows))
+    path = save_results("attention", results, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main()
