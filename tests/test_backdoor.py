@@ -102,6 +102,11 @@ def test_blended_is_bounded_and_fixed_by_its_seed():
     twin = images[:1].expand(2, -1, -1, -1)
     twin_out = blended_trigger(twin, alpha, seed=0)
     assert torch.equal(twin_out[0], twin_out[1])
+    # the formula itself: at alpha 1 the image is gone (only the pattern is left), at alpha 0.5 the
+    # output is the midpoint of the image and the pattern
+    pattern = blended_trigger(images[:1], 1.0, seed=0)
+    assert torch.allclose(blended_trigger(images[1:2], 1.0, seed=0), pattern)
+    torch.testing.assert_close(blended_trigger(images, 0.5, seed=0), (images + pattern) / 2)
 
 
 def test_sig_is_bounded_and_horizontal():

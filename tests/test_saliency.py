@@ -80,6 +80,12 @@ def test_adaptive_rule_splits_top_scores_at_the_widest_gap_per_prompt_type():
     mask = select_adaptive(scores, tasks, thresholds, max_tokens=2)
     assert mask[:10].sum() == 0 and mask[16:].sum() == 0
     assert mask[10:13].sum(1).tolist() == [1, 1, 1] and mask[10:13, 0].all()
+    # at most max_tokens per sample, the highest-scoring ones
+    many = scores.clone()
+    many[10, 1:4] = torch.tensor([21.0, 22.0, 23.0])
+    capped = select_adaptive(many, tasks, thresholds, max_tokens=2)
+    assert capped[10].nonzero().flatten().tolist() == [2, 3]
+    assert select_adaptive(many, tasks, thresholds)[10].sum() == 4  # no cap: every outlier
     # no gap of 10x anywhere -> nothing is masked
     assert fit_thresholds(clean, ["color"] * 10, min_gap=10) == {"color": float("inf")}
     with pytest.raises(DispError, match="min gap"):

@@ -109,3 +109,14 @@ def test_training_precision_runs_and_is_recorded_resolved(tmp_path, flag):
     _, _, config, state = checkpoint.load(tmp_path / "clean.pt", stages=["clean"])
     assert config.train.precision == resolve_precision(flag, "cpu") in ("fp32", "bf16")
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_random_vision_mask_hides_a_uniform_share_of_image_positions():
+    """Each sample hides U(0, max) of its 36 positions: about max/2 on average, never far above max."""
+    from disp.training import random_vision_mask
+
+    mask = random_vision_mask(4000, 36, 0.15, torch.Generator().manual_seed(0), "cpu")
+    assert mask.shape == (4000, 36) and mask.dtype == torch.bool
+    assert abs(mask.float().mean().item() - 0.075) < 0.005
+    assert mask.float().mean(1).max() < 0.4  # a row's share stays near its draw below 0.15
+    assert not random_vision_mask(100, 36, 0.0, torch.Generator().manual_seed(0), "cpu").any()
