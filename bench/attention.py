@@ -1,5 +1,6 @@
-"""Attention's two written-out forms, timed: disp.model.split_attention (what the model runs) against
-disp.model.plain_attention (concatenate keys and values, one softmax: the textbook form).
+"""Attention, timed in three forms: the model's (disp.model.attention: keys and values concatenated,
+written out as matmuls, one softmax), F.scaled_dot_product_attention, and a split form that scores
+the prefix and the response apart and never concatenates keys or values.
 
     python bench/attention.py                      # cpu preset, fp32 and bf16 side by side
     python bench/attention.py --precision fp32 --repeats 10
@@ -7,8 +8,8 @@ disp.model.plain_attention (concatenate keys and values, one softmax: the textbo
 Two measurements per form and precision, on fresh cpu-preset weights and the real encoded training
 split: one training update (disp.training.Finetuner.step, batch 64, as train.py's clean SFT) and
 one denoising step of 256 samples (DiffusionVLM.decode on a cached prefix, what every step of
-generate runs). Each figure is the median of --repeats timings after a warm-up. Both forms give the
-same outputs (tests/test_diffusion.py); only the time differs.
+generate runs). Each figure is the median of --repeats timings after a warm-up. The bench swaps the
+form in through disp.model.attention; all three give the same outputs (checked here first).
 """
 
 import argparse
@@ -25,13 +26,48 @@ from disp.config import get_preset, with_vocabulary  # noqa: E402
 from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.splits import load_splits  # noqa: E402
 from disp.data.tokenizer import Tokenizer  # noqa: E402
-from disp.model import Attention, plain_attention, split_attention  # noqa: E402
+import disp.model  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import DispError, friendly_errors  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
 from disp.training import Finetuner  # noqa: E402
 
-FORMS = {"split (the model's)": split_attention, "plain (concatenated)": plain_attention}
+import torch.nn.functional as F  # noqa: E402
+
+
+def sdpa(q, k, v, context=None):
+    """The same attention through F.scaled_dot_product_attention (no weights returned)."""
+    if context is not None:
+        k = torch.cat([context[0].expand(q.shape[0], -1, -1, -1), k], dim=2)
+        v = torch.cat([context[1].expand(q.shape[0], -1, -1, -1), v], dim=2)
+    return F.scaled_dot_product_attention(q, k, v), None
+
+
+def split(q, k, v, context=None):
+    """The same attention without concatenating keys or values: prefix and own scores apart, one
+    softmax over both, the weighted sum split the same way."""
+    scale = q.shape[-1] ** -0.5
+    scores = q @ k.transpose(-2, -1) * scale
+    if context is None:
+        weights = torch.softmax(scores, dim=-1)
+        return weights @ v, weights
+    weights = torch.softmax(torch.cat([q @ context[0].transpose(-2, -1) * scale, scores], dim=-1), dim=-1)
+    n = context[0].shape[2]
+    return weights[..., :n] @ context[1] + weights[..., n:] @ v, weights
+
+
+MODEL_FORM = disp.model.attention
+FORMS = {"written out (the model's)": MODEL_FORM, "F.scaled_dot_product_attention": sdpa,
+         "split, no concatenation": split}
+
+
+def check_same_outputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8, generator=g) for _ in range(3))
+    context = (torch.randn(1, 2, 7, 8, generator=g), torch.randn(1, 2, 7, 8, generator=g))
+    for form in FORMS.values():
+        for ctx in (None, context):
+            torch.testing.assert_close(form(q, k, v, ctx)[0], MODEL_FORM(q, k, v, ctx)[0], atol=1e-5, rtol=1e-4)
 
 
 def parse_args(argv=None):
@@ -59,6 +95,7 @@ def main(argv=None):
     if args.repeats < 1:
         raise DispError("--repeats must be >= 1")
     device = pick_device(args.device)
+    check_same_outputs()
     info = machine()
     print(f"machine: {machine_line(info)}")
     config = get_preset(args.preset)
@@ -79,8 +116,8 @@ def main(argv=None):
             model.eval()
             vision = model.encode_images(train.images[:n].to(device))
             cache = model.prefix(vision, data.prompt_ids[:n].to(device))
-        for name, kernel in FORMS.items():
-            Attention.kernel = staticmethod(kernel)
+        for name, form in FORMS.items():
+            disp.model.attention = form
             step = iter(range(10_000))
             train_ms = median_ms(lambda: trainer.step(next(step), "bench"), args.repeats, device)
 
@@ -92,7 +129,7 @@ def main(argv=None):
             results["runs"][f"{precision} {name}"] = {"train_step_ms": train_ms, "decode_step_ms": decode_ms}
             rows.append([precision, name, f"{train_ms:.1f}", f"{decode_ms:.1f}"])
             print(f"  {precision} {name}: training step {train_ms:.1f} ms, denoising step ({n} samples) {decode_ms:.1f} ms")
-    Attention.kernel = staticmethod(split_attention)
+    disp.model.attention = MODEL_FORM
     print()
     print(table(["precision", "attention", "training step ms (batch 64)", f"denoising step ms ({n} samples)"], rows))
     path = save_results("attention", results, args.out)

@@ -43,45 +43,30 @@ def sincos_positions(cfg: ModelConfig):
     return torch.cat([image, text])
 
 
-def plain_attention(q, k, v, context=None):
-    """Attention in its textbook form: the context's keys and values concatenated with x's, one
-    softmax over all of them. The reference that tests/test_diffusion.py holds `split_attention` to.
+def attention(q, k, v, context=None):
+    """Softmax attention of x's positions over the context's and their own keys, written out.
 
     q, k, v: (B, heads, Tx, head_dim) of x's positions; context: (k, v) of positions that x attends
-    to but that do not attend back, each (B or 1, heads, Tc, head_dim).
+    to but that do not attend back (the image+prompt prefix, seen from the response), each
+    (B or 1, heads, Tc, head_dim); a context of batch 1 serves every row of x.
     -> (output (B, heads, Tx, head_dim), weights (B, heads, Tx, Tc + Tx))
+
+    Written out rather than F.scaled_dot_product_attention for two reasons: it returns the weights,
+    which the CleanSight baseline needs (disp.saliency.attention_scores), and at our lengths (<= 60
+    positions) it is as fast in fp32 and much faster under bf16 autocast on CPUs. Measured with
+    `python bench/attention.py` (cpu preset, the 2-core development CPU, ms per training step of
+    batch 64): fp32 112 written out vs 109 SDPA; bf16 71 vs 163. Scoring the prefix apart to avoid
+    concatenating keys and values saved nothing (fp32 114, bf16 75), so the plain form stayed.
     """
     if context is not None:
         batch = q.shape[0]
-        k = torch.cat([context[0].expand(batch, -1, -1, -1), k], dim=2)
+        k = torch.cat([context[0].expand(batch, -1, -1, -1), k], dim=2)  # (B, h, Tc + Tx, d)
         v = torch.cat([context[1].expand(batch, -1, -1, -1), v], dim=2)
-    weights = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
+    weights = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)  # (B, h, Tx, Tc + Tx)
     return weights @ v, weights
 
 
-def split_attention(q, k, v, context=None):
-    """The same result as `plain_attention` without concatenating keys or values: the scores against
-    the context and against x are computed apart, softmaxed together, and the weighted sum is split
-    the same way. Every denoising step would otherwise copy the prefix's keys and values.
-
-    Why the model uses this form: `python bench/attention.py` times one cpu-preset training step
-    and one 256-sample denoising step with each form on the same machine (bench/README.md lists the
-    figures); both forms write attention out as matmuls, which at our lengths (<= 60 positions)
-    beat F.scaled_dot_product_attention on CPUs.
-    """
-    scale = q.shape[-1] ** -0.5
-    scores = q @ k.transpose(-2, -1) * scale  # (B, h, Tx, Tx)
-    if context is None:
-        weights = torch.softmax(scores, dim=-1)
-        return weights @ v, weights
-    scores = torch.cat([q @ context[0].transpose(-2, -1) * scale, scores], dim=-1)  # (B, h, Tx, Tc + Tx)
-    weights = torch.softmax(scores, dim=-1)
-    n = context[0].shape[2]
-    return weights[..., :n] @ context[1] + weights[..., n:] @ v, weights
-
-
 class Attention(nn.Module):
-    kernel = staticmethod(split_attention)  # bench/attention.py swaps in plain_attention to time it
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -103,7 +88,7 @@ class Attention(nn.Module):
         context of batch 1 broadcasts over x's batch.
         """
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        y, weights = self.kernel(q, k, v, context)
+        y, weights = attention(q, k, v, context)
         y = self.proj(rearrange(y, "b h t d -> b t (h d)"))
         return y, (k, v), weights if need_weights else None
 
