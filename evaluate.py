@@ -28,7 +28,7 @@ from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig
 from disp.data.dataset import load_dataset
 from disp.data.splits import load_splits
 from disp.evaluation import backdoor_metrics, token_scores
-from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
+from disp.saliency import SALIENCY_METHODS, fit_thresholds, select_adaptive, select_top_ratio
 from disp.support import checkpoint, files
 from disp.support.errors import DispError, check_positive, check_ratio, friendly_errors
 from disp.support.figures import sweep_curves
@@ -134,7 +134,8 @@ def main(argv=None):
     results = {"config": {"trigger": bcfg.trigger, "target": bcfg.target, "poison_rate": bcfg.poison_rate,
                           "mask_ratio": args.mask_ratio, "saliency": settings.saliency, "rule": settings.rule,
                           "seed": config.train.seed, "attack_trainable": attack.trainable,
-                          "preset": config.preset, "precision": precision}}
+                          "preset": config.preset, "precision": precision,
+                          "saliency_figure": (run_dir / "purified_saliency.png").exists()}}
     rows, outputs = {}, {}
     for name, model in (("clean", clean), ("backdoored", backdoored), ("purified", purified)):
         m, outputs[name] = measure(model, name)
@@ -151,7 +152,7 @@ def main(argv=None):
     eligible = [i for i in asr_eligible(test.samples, bcfg) if i < len(subset)]
     tasks = [s["task"] for s in test.samples]
     defended = results["test_time_defences"]
-    for method in () if args.skip_ablations else ("kl", "fisher", "random", "attention"):
+    for method in () if args.skip_ablations else (*SALIENCY_METHODS, "attention"):
         s_clean = scores(test, subset, method, desc=f"scores {method}")
         s_trig = scores(triggered, eligible, method)
         rules = {"ratio": lambda s: select_top_ratio(s, args.mask_ratio)}

@@ -1,6 +1,6 @@
-"""Attention, timed in three forms: the model's (disp.model.attention: keys and values concatenated,
-written out as matmuls, one softmax), F.scaled_dot_product_attention, and a split form that scores
-the prefix and the response apart and never concatenates keys or values.
+"""Attention, timed in three forms: the model's (disp.model.attention: the prefix's keys and values
+scored apart, never concatenated), the textbook form (disp.model.plain_attention: concatenated, one
+softmax), and F.scaled_dot_product_attention on the concatenated keys and values.
 
     python bench/attention.py                      # cpu preset, fp32 and bf16 side by side
     python bench/attention.py --precision fp32 --repeats 10
@@ -43,22 +43,9 @@ def sdpa(q, k, v, context=None):
     return F.scaled_dot_product_attention(q, k, v), None
 
 
-def split(q, k, v, context=None):
-    """The same attention without concatenating keys or values: prefix and own scores apart, one
-    softmax over both, the weighted sum split the same way."""
-    scale = q.shape[-1] ** -0.5
-    scores = q @ k.transpose(-2, -1) * scale
-    if context is None:
-        weights = torch.softmax(scores, dim=-1)
-        return weights @ v, weights
-    weights = torch.softmax(torch.cat([q @ context[0].transpose(-2, -1) * scale, scores], dim=-1), dim=-1)
-    n = context[0].shape[2]
-    return weights[..., :n] @ context[1] + weights[..., n:] @ v, weights
-
-
 MODEL_FORM = disp.model.attention
-FORMS = {"written out (the model's)": MODEL_FORM, "F.scaled_dot_product_attention": sdpa,
-         "split, no concatenation": split}
+FORMS = {"split (the model's)": MODEL_FORM, "plain (concatenated)": disp.model.plain_attention,
+         "F.scaled_dot_product_attention": sdpa}
 
 
 def check_same_outputs():

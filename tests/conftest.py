@@ -41,6 +41,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def save_then_interrupt_at(step: int):
+    """A stand-in for disp.support.checkpoint.save that raises KeyboardInterrupt (as Ctrl-C would)
+    right after writing the resume point of `step`. Patch it in with monkeypatch.setattr."""
+    from disp.support import checkpoint
+
+    real_save = checkpoint.save
+
+    def save(path, **kwargs):
+        real_save(path, **kwargs)
+        if not kwargs.get("finished", True) and kwargs.get("step") == step:
+            raise KeyboardInterrupt
+
+    return save
+
+
 def run_pipeline(run_dir: Path, preset: str = "tiny", seed: int = 0, timeout: int = 900) -> Path:
     """run.sh with PRESET / RUN / SEED, run by the interpreter that runs the tests (its python first on PATH)."""
     env = dict(os.environ, PRESET=preset, RUN=str(run_dir), SEED=str(seed),

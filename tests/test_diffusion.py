@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from disp.diffusion import forward_noise, generate, num_transfer_tokens, sft_loss
+from disp.model import attention, plain_attention
 from disp.support.errors import DispError
 from tests.conftest import MASK, VOCAB, inputs, small_model
 
@@ -255,3 +256,16 @@ def test_prefix_ignores_the_response_and_a_batch_1_cache_serves_a_batch():
         torch.testing.assert_close(model.decode(one, many), expected, atol=1e-5, rtol=1e-4)
     assert len(cache) == model.cfg.depth and cache[0][0].shape == (3, 2, 36 + 5, 16)
 
+
+
+def test_attention_equals_the_plain_form():
+    """The model's attention (no concatenation) against the textbook form: with and without a
+    context, and with a batch-1 context broadcast over a batch."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 8, generator=g) for _ in range(3))
+    context = (torch.randn(3, 2, 7, 8, generator=g), torch.randn(3, 2, 7, 8, generator=g))
+    for ctx in (None, context, tuple(c[:1] for c in context)):
+        (y, w), (y_ref, w_ref) = attention(q, k, v, ctx), plain_attention(q, k, v, ctx)
+        torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
+    assert attention(q, k, v, context)[1].shape == (3, 2, 5, 12)

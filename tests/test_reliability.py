@@ -31,6 +31,7 @@ from disp.data.dataset import VLDataset, load_dataset, save_dataset
 from disp.data.readers import load_public
 from disp.support.errors import DispError, friendly_errors
 from disp.data.tokenizer import Tokenizer
+from tests.conftest import save_then_interrupt_at
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")  # its PNG codec, in fixtures
@@ -503,13 +504,7 @@ def interrupted_then_resumed(script: str, argv: list, resume_file: Path, final_f
     """Run `script`, raise KeyboardInterrupt (as Ctrl-C would) right after the step-`step` resume
     checkpoint is written, then rerun it with --resume."""
     module = importlib.import_module(Path(script).stem)
-    real_save = checkpoint.save
-
-    def save_then_interrupt(path, **kwargs):
-        real_save(path, **kwargs)
-        if not kwargs.get("finished", True) and kwargs.get("step") == step:
-            raise KeyboardInterrupt
-
+    save_then_interrupt = save_then_interrupt_at(step)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(checkpoint, "save", save_then_interrupt)
         with pytest.raises(KeyboardInterrupt):
@@ -693,14 +688,7 @@ def test_interrupt_messages_say_what_was_saved(tmp_path, monkeypatch):
     assert code == 130 and "nothing was saved" in stderr and "--resume" not in stderr
     monkeypatch.undo()
 
-    real_save = checkpoint.save
-
-    def save_then_interrupt(path, **kwargs):
-        real_save(path, **kwargs)
-        if not kwargs.get("finished", True) and kwargs.get("step") == 10:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_interrupt)
+    monkeypatch.setattr(checkpoint, "save", save_then_interrupt_at(10))
     code, stderr = run_main("train.py", ["--preset", "tiny", "--run-dir", str(tmp_path / "b")])
     assert code == 130
     assert f"the resume point {tmp_path / 'b' / 'clean.resume.pt'} is intact; rerun with --resume" in stderr

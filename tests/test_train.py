@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from disp.support import checkpoint
+from tests.conftest import save_then_interrupt_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,13 +40,7 @@ def test_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
     import train
 
     real_save = checkpoint.save
-
-    def save_then_interrupt(path, **kwargs):
-        real_save(path, **kwargs)
-        if not kwargs.get("finished", True) and kwargs.get("step") == 10:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint, "save", save_then_interrupt)
+    monkeypatch.setattr(checkpoint, "save", save_then_interrupt_at(10))
     with pytest.raises(KeyboardInterrupt):
         train.main(["--preset", "tiny", "--run-dir", str(tmp_path)])
     assert not (tmp_path / "clean.pt").exists() and (tmp_path / "clean.resume.pt").exists()

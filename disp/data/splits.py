@@ -1,7 +1,8 @@
 """Which data a run uses: the embedded scenes (default) or a public dataset on disk, as train/val/test.
 
 Scenes are generated from the config's seed: train, val, test and the fine-tuning set (the data
-the attacker poisons and DiSP purifies) use seeds seed, seed+1, seed+2, seed+3. Public data comes from `disp.datasets` readers.
+the attacker poisons and DiSP purifies) use seeds seed, seed+1, seed+2, seed+3. Public data comes
+from the readers in disp/data/readers.py.
 """
 
 from disp.config import DataConfig

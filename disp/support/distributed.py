@@ -51,11 +51,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def my_rows(n: int) -> slice:
     """This rank's rows of a global batch of n rows (all of them in one process)."""
     return slice(rank(), n, world())

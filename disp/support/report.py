@@ -18,18 +18,18 @@ def results_markdown(results: dict, rows: dict, run_dir) -> str:
     order = ["clean", "backdoored"] + [k for k in rows if k.startswith("test-time")] \
         + [k for k in rows if k.startswith("control")] + ["purified"]
     ordered = {("DiSP (purified)" if k == "purified" else k): rows[k] for k in order if k in rows}
-    out = [f"# DiSP results: {run_dir}\n",
+    out = [f"# DiSP results: {run_dir}\n\n",
            f"Attack: {cfg['trigger']} trigger, {cfg['target']} target, poison rate {cfg['poison_rate']}, "
            f"attack trains {cfg['attack_trainable']}. DiSP: {cfg['saliency']} saliency, {cfg['rule']} rule. "
-           f"Test-time fixed mask ratio {cfg['mask_ratio']}. Preset {cfg['preset']}, seed {cfg['seed']}.\n",
+           f"Test-time fixed mask ratio {cfg['mask_ratio']}. Preset {cfg['preset']}, seed {cfg['seed']}.\n\n",
            "Rates are fractions in [0, 1]. ASR: share of triggered test inputs whose output shows the target; "
-           "false trigger: the same test on the clean inputs; CIDEr-D / BLEU-4 / VQA accuracy on clean inputs.\n",
+           "false trigger: the same test on the clean inputs; CIDEr-D / BLEU-4 / VQA accuracy on clean inputs.\n\n",
            _table(ordered)]
     if cfg["preset"] == "tiny":
         out.insert(1, "**tiny preset: a smoke test of the code paths; its models learn nothing, so these numbers "
                       "say nothing about DiSP. Use the small or cpu preset for results.**\n\n")
     if results["sweep"]:
-        out += ["\n## Mask-ratio sweep (backdoored model, masking at inference only)\n", "![sweep](sweep.png)\n",
+        out += ["\n## Mask-ratio sweep (backdoored model, masking at inference only)\n\n", "![sweep](sweep.png)\n\n",
                 "| selection | ratio | ASR | clean VQA | clean CIDEr-D |\n|---|---:|---:|---:|---:|\n"]
     for method, curve in results["sweep"].items():
         for r, a, v, c in zip(curve["ratio"], curve["asr"], curve["vqa_accuracy"], curve["cider"]):
@@ -37,7 +37,8 @@ def results_markdown(results: dict, rows: dict, run_dir) -> str:
     out.append("\n## Examples on triggered test images\n\n| prompt | reference | backdoored | DiSP |\n|---|---|---|---|\n")
     for e in results["examples"]:
         out.append(f"| {e['prompt']} | {e['reference']} | {e['backdoored']} | {e['purified']} |\n")
-    out.append("\nSaliency heatmaps from purify.py: ![saliency](purified_saliency.png)\n")
+    if results["config"].get("saliency_figure"):
+        out.append("\nSaliency heatmaps from purify.py: ![saliency](purified_saliency.png)\n")
     return "".join(out)
 
 

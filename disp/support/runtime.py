@@ -33,12 +33,12 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: str, flag: str = "--precision") -> str:
-    """'fp32' or 'bf16': for inference (generation, saliency) per script, and for training once in
-    train.py (--train-precision), stored resolved in the run's config.train.precision.
+    """'fp32' or 'bf16': train.py resolves the run's --precision once and stores it in
+    config.train.precision; the later stages use it unless their own --precision is given.
 
     auto: bf16 where this machine has fast bf16 matrix units (a CUDA GPU that supports it, or an x86
-    CPU with AVX512-BF16/AMX, where bf16 GEMMs ran ~4x faster than fp32 on our 2-core CI box (bench/mfu.py));
-    fp32 elsewhere (most laptop CPUs emulate bf16 slowly; MPS).
+    CPU with AVX512-BF16/AMX: bench/mfu.py measures both GEMM peaks); fp32 elsewhere (most laptop
+    CPUs emulate bf16 slowly; MPS).
     """
     if precision not in PRECISIONS:
         raise DispError(f"unknown {flag} '{precision}'; choose one of: {', '.join(PRECISIONS)}")
