@@ -8,10 +8,12 @@
 Reads clean.pt, backdoored.pt, purified.pt (and the control_*.pt that exist) of a run directory,
 checks that they belong together (each checkpoint records the sha256 of the files it was made
 from), and measures each on the held-out test set: ASR on triggered inputs, false-trigger rate,
-clean caption CIDEr-D / BLEU-4 and VQA accuracy. On the backdoored model it also tries masking at
-inference only (no refinement): saliency masking (kl, fisher; fixed ratio and the adaptive rule),
-random masking, and CleanSight-style attention pruning; and sweeps the mask ratio for kl vs random
-selection. Precision: the attack's unless --precision is given. Writes, in the run directory:
+clean caption CIDEr-D / BLEU-4 and VQA accuracy; next to them two baselines of what the image is
+worth: the clean model with every vision token masked ("blind": its language prior alone) and, for
+VQA, the most frequent training answer given to every question. On the backdoored model it also
+tries masking at inference only (no refinement): saliency masking (kl, fisher; fixed ratio and the
+adaptive rule), random masking, and CleanSight-style attention pruning; and sweeps the mask ratio
+for kl vs random selection. Precision: the attack's unless --precision is given. Writes, in the run directory:
     results.json   every number above, with the settings
     results.md     the same as tables, with example outputs
     sweep.png      ASR and clean quality against the mask ratio (not with --skip-ablations)
@@ -27,7 +29,7 @@ from disp.backdoor import asr_eligible, triggered_copy
 from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig
 from disp.data.dataset import load_dataset
 from disp.data.splits import load_splits
-from disp.evaluation import backdoor_metrics, token_scores
+from disp.evaluation import backdoor_metrics, majority_answer_rate, token_scores
 from disp.saliency import SALIENCY_METHODS, fit_thresholds, select_adaptive, select_top_ratio
 from disp.support import checkpoint, files
 from disp.support.errors import DispError, check_positive, check_ratio, friendly_errors
@@ -114,7 +116,7 @@ def main(argv=None):
     bcfg = attack.backdoor
     if config.preset == "tiny":
         print(TINY_NOTE)
-    _, _, test = load_splits(config.data, config.model.image_size)
+    train, _, test = load_splits(config.data, config.model.image_size)
     triggered = triggered_copy(test, bcfg)
 
     def measure(model, desc, limit=args.eval_samples, **masks):
@@ -145,6 +147,14 @@ def main(argv=None):
         if name in controls:
             results[name] = measure(controls[name], name)[0]
             rows[label] = summary(results[name])
+
+    # --- baselines that show the clean model uses the image --------------------------------------
+    every_token = torch.ones(len(test.samples), config.model.n_vision, dtype=torch.bool)
+    results["blind"] = measure(clean, "clean model, blind", clean_masks=every_token, triggered_masks=every_token)[0]
+    rows["blind"] = summary(results["blind"])
+    majority = majority_answer_rate(train, test)
+    if majority is not None:
+        results["majority_answer"] = {"answer": majority[0], "vqa_accuracy": majority[1]}
 
     # --- test-time defences on the backdoored model (no refinement) ------------------------------
     results["test_time_defences"], results["sweep"] = {}, {}

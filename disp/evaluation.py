@@ -4,6 +4,8 @@ Shared by train.py (validation, final held-out metrics), attack.py, purify.py an
 Generation is greedy with low-confidence remasking and steps = gen_length unless told otherwise.
 """
 
+from collections import Counter
+
 import torch
 from tqdm import tqdm
 
@@ -87,6 +89,17 @@ def score(dataset, indices, predictions) -> dict:
         result["vqa_accuracy"] = sum(vqa_scores) / len(vqa_scores)
         result["vqa_by_task"] = {t: sum(v) / len(v) for t, v in sorted(per_task.items())}
     return result
+
+
+def majority_answer_rate(train, test):
+    """(the most frequent answer of the training questions, its VQA accuracy on the test questions):
+    what a model that ignores both image and question would score. None if there are no questions."""
+    answers = Counter(s["response"] for s in train.samples if s["task"] != "caption")
+    questions = [s for s in test.samples if s["task"] != "caption"]
+    if not answers or not questions:
+        return None
+    majority = answers.most_common(1)[0][0]
+    return majority, sum(vqa_accuracy(majority, s["answers"]) for s in questions) / len(questions)
 
 
 def clean_metrics(model, tokenizer, dataset, *, limit=None, device="cpu", desc=None, return_predictions=False):

@@ -48,3 +48,18 @@ def test_token_scores_give_one_row_per_requested_sample_in_order():
     for row, i in enumerate([3, 0, 2]):  # each row is that sample's own score, whatever its batch
         torch.testing.assert_close(token_scores(model, tokenizer, data, [i], "kl")[0], scores[row], atol=1e-5, rtol=1e-4)
     assert token_scores(model, tokenizer, data, [], "kl").shape == (0, 36)
+
+
+def test_majority_answer_rate_is_the_most_frequent_training_answer_given_to_every_question():
+    from disp.evaluation import majority_answer_rate
+
+    def dataset(pairs):
+        return VLDataset(torch.zeros(1, 3, 48, 48, dtype=torch.uint8),
+                         [{"image": 0, "task": task, "prompt": "p", "response": answer, "answers": [answer]}
+                          for task, answer in pairs])
+
+    train = dataset([("color", "red"), ("count", "2"), ("color", "red"), ("caption", "a red thing")] +
+                    [("caption", "red")] * 5)  # captions do not count as answers
+    test = dataset([("color", "red"), ("count", "3"), ("shape", "circle"), ("caption", "red")])
+    assert majority_answer_rate(train, test) == ("red", 1 / 3)
+    assert majority_answer_rate(dataset([("caption", "x")]), test) is None

@@ -33,6 +33,8 @@ def test_results_json_has_the_keys_in_range(tiny_pipeline):
         assert 0.0 <= results[stage]["cider"] <= 10.0
     for key in ("trigger", "target", "poison_rate", "mask_ratio", "saliency", "seed"):
         assert key in results["config"]
+    assert 0.0 <= results["blind"]["vqa_accuracy"] <= 1.0  # the clean model with every vision token masked
+    assert 0.0 <= results["majority_answer"]["vqa_accuracy"] <= 1.0
     assert results["config"]["trigger"] == "patch" and results["config"]["poison_rate"] == 0.2
     assert any(k.startswith("test-time CleanSight") for k in results["test_time_defences"])
     sweep = results["sweep"]

@@ -1,4 +1,5 @@
-"""Readers for public image-text datasets on disk: COCO captions, Karpathy splits, Flickr8k/30k, VQAv2.
+"""Readers for public image-text datasets on disk: COCO captions, Karpathy splits, Flickr8k/30k, VQAv2,
+DAQUAR.
 
 Each reader turns a dataset's official files into a `VLDataset` (disp/data/dataset.py). Nothing is
 downloaded: readers take paths. `load_public` knows each dataset's standard folder layout.
@@ -416,11 +417,65 @@ def _vqa_image_path(image_dir: Path, image_id, pattern: Optional[str], id_index:
     return image_dir / id_index[number]
 
 
+# DAQUAR names its image at the end of the question: "what is on the desk in the image3 ?"
+_DAQUAR_IMAGE = re.compile(r"\bimage(\d+)\s*\?\s*$")
+# DAQUAR publishes train and test only; every DAQUAR_VAL_EVERY-th training image (in file order)
+# is held out as our validation split, so train and val never share an image.
+DAQUAR_VAL_EVERY = 10
+
+
+def load_daquar(qa_file, image_dir, image_size: int, max_images: Optional[int] = None,
+                keep_image=None) -> VLDataset:
+    """DAQUAR (Malinowski & Fritz 2014) raw question-answer files (qa.894.raw.train.txt / .test.txt).
+
+    Lines alternate: a question that names its image at the end ("... in the image3 ?"), then its
+    answer: a word, a number, or a comma-separated list ("chair, table"), kept as given. One "vqa"
+    sample per pair, answers = [the answer]; the prompt is the question with "image3" written as
+    "image" (the number would only let a model memorise images); the image file is
+    image_dir/image3.png. Images keep the order of their first question; samples are grouped by
+    image. keep_image(k) -> bool keeps only the k-th image (0-based, file order) before max_images
+    applies. Line numbers in errors count from 1.
+    """
+    image_size = _check_image_size(image_size)
+    max_images = _check_max_images(max_images)
+    path = Path(qa_file)
+    lines = _read_lines(path, "DAQUAR question-answer file")
+    image_dir = _require_dir(image_dir, "DAQUAR image folder")
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if len(lines) % 2:
+        raise DispError(f"{path} line {len(lines)} is a question with no answer line after it; the file "
+                        f"should alternate question and answer lines (is it truncated?)")
+    entries, entry_of, seen = [], {}, {}
+    for number in range(1, len(lines), 2):
+        question, answer = lines[number - 1].strip(), lines[number].strip()
+        found = _DAQUAR_IMAGE.search(question)
+        if found is None:
+            raise DispError(f"{path} line {number} does not end in 'image<N> ?': {question[:60]!r}; "
+                            f"is this a DAQUAR raw question-answer file?")
+        if not answer:
+            raise DispError(f"{path} line {number + 1} (the answer to line {number}) is empty")
+        name = f"image{found.group(1)}.png"
+        position = seen.setdefault(name, len(seen))
+        if keep_image is not None and not keep_image(position):
+            continue
+        entry = entry_of.get(name)
+        if entry is None:
+            if max_images is not None and len(entries) >= max_images:
+                continue
+            entry = entry_of[name] = _Image(image_dir / name)
+            entries.append(entry)
+        response = normalize_text(answer)
+        entry.samples.append({"task": "vqa", "prompt": normalize_text(question[:found.start()] + "image ?"),
+                              "response": response, "answers": [response]})
+    return _assemble(entries, image_size, str(path), {"dataset": "daquar"})
+
+
 # ---------------------------------------------------------------------------------------------
 # One entry point that knows the standard layouts.
 # ---------------------------------------------------------------------------------------------
 
-PUBLIC_DATASETS = ("coco", "karpathy", "flickr", "vqav2")
+PUBLIC_DATASETS = ("coco", "karpathy", "flickr", "vqav2", "daquar")
 _SPLITS = ("train", "val", "test")
 _FLICKR_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
@@ -458,6 +513,9 @@ def load_public(name: str, data_root, split: str, image_size: int, max_images: O
     vqav2     data_root/v2_OpenEnded_mscoco_{split}2014_questions.json
               + data_root/v2_mscoco_{split}2014_annotations.json + data_root/{split}2014/ (COCO images).
               train -> train2014, val -> val2014; test has no public answers: hold out part of val.
+    daquar    data_root/qa.894.raw.{train,test}.txt + images in data_root/nyu_depth_images/
+              (DAQUAR full, the official train / test split). val -> every 10th image of the train
+              file (DAQUAR_VAL_EVERY), which train then leaves out.
     """
     if name not in PUBLIC_DATASETS:
         raise DispError(f"unknown public dataset {name!r}; choose one of {', '.join(PUBLIC_DATASETS)}")
@@ -508,6 +566,16 @@ def load_public(name: str, data_root, split: str, image_size: int, max_images: O
                 f"add the Flickr_8k split files, or use 'karpathy' with dataset_flickr8k/30k.json"
             )
         return load_flickr_tokens(tokens, image_dir, image_size, None, max_images)
+
+    if name == "daquar":
+        images = _first_existing([root / "nyu_depth_images", root / "images"], "DAQUAR image folder", root, is_dir=True)
+        qa = _first_existing([root / f"qa.894.raw.{'test' if split == 'test' else 'train'}.txt"],
+                             "DAQUAR question-answer file", root)
+        keep = None
+        if split != "test":
+            keep = (lambda k: k % DAQUAR_VAL_EVERY == DAQUAR_VAL_EVERY - 1) if split == "val" else \
+                (lambda k: k % DAQUAR_VAL_EVERY != DAQUAR_VAL_EVERY - 1)
+        return load_daquar(qa, images, image_size, max_images, keep_image=keep)
 
     # vqav2
     if split == "test":

@@ -11,7 +11,7 @@ from disp.data.readers import load_public
 from disp.data.scenes import generate_scenes
 from disp.support.errors import DispError
 
-SOURCES = ("scenes", "coco", "karpathy", "flickr", "vqav2")
+SOURCES = ("scenes", "coco", "karpathy", "flickr", "vqav2", "daquar")
 
 
 def load_splits(cfg: DataConfig, image_size: int):

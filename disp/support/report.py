@@ -15,9 +15,10 @@ def _table(rows: dict, fmt=lambda v: f"{v:.3f}") -> str:
 
 def results_markdown(results: dict, rows: dict, run_dir) -> str:
     cfg = results["config"]
-    order = ["clean", "backdoored"] + [k for k in rows if k.startswith("test-time")] \
+    order = ["clean", "blind", "backdoored"] + [k for k in rows if k.startswith("test-time")] \
         + [k for k in rows if k.startswith("control")] + ["purified"]
-    ordered = {("DiSP (purified)" if k == "purified" else k): rows[k] for k in order if k in rows}
+    labels = {"purified": "DiSP (purified)", "blind": "clean model, every vision token masked (blind)"}
+    ordered = {labels.get(k, k): rows[k] for k in order if k in rows}
     out = [f"# DiSP results: {run_dir}\n\n",
            f"Attack: {cfg['trigger']} trigger, {cfg['target']} target, poison rate {cfg['poison_rate']}, "
            f"attack trains {cfg['attack_trainable']}. DiSP: {cfg['saliency']} saliency, {cfg['rule']} rule. "
@@ -25,6 +26,10 @@ def results_markdown(results: dict, rows: dict, run_dir) -> str:
            "Rates are fractions in [0, 1]. ASR: share of triggered test inputs whose output shows the target; "
            "false trigger: the same test on the clean inputs; CIDEr-D / BLEU-4 / VQA accuracy on clean inputs.\n\n",
            _table(ordered)]
+    if "majority_answer" in results:
+        m = results["majority_answer"]
+        out.append(f"\nMajority answer (the most frequent training answer, {m['answer']!r}, given to every "
+                   f"question): VQA accuracy {m['vqa_accuracy']:.3f}.\n")
     if cfg["preset"] == "tiny":
         out.insert(1, "**tiny preset: a smoke test of the code paths; its models learn nothing, so these numbers "
                       "say nothing about DiSP. Use the small or cpu preset for results.**\n\n")

@@ -1,0 +1,97 @@
+"""Readers on the DAQUAR raw format (fixtures written here) and on the real public files in
+../shared/data (Flickr8k, DAQUAR), which are read from that path, never copied into the project.
+The real-file tests skip where ../shared/data is absent (a user's clone)."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+from disp.data.readers import DAQUAR_VAL_EVERY, load_daquar, load_flickr_tokens, load_public
+from disp.support.errors import DispError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"the public data folder {SHARED} is absent "
+                                  "(it holds Flickr8k and DAQUAR for development and CI; see the README)")
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+
+
+def daquar_layout(root: Path, lines: list, images=(1, 2, 3)) -> Path:
+    (root / "nyu_depth_images").mkdir(parents=True)
+    for k in images:
+        write_png(torch.full((3, 12, 16), 12 * k, dtype=torch.uint8), str(root / "nyu_depth_images" / f"image{k}.png"))
+    (root / "qa.894.raw.train.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+QA = ["what is on the desk in the image1 ?", "book, scissor, papers",
+      "how many chairs are there in the image2 ?", "3",
+      "what is the largest object in this image1 ?", "bed",
+      "what color is the wall in the image3 ?", "white"]
+
+
+def test_daquar_reader_pairs_questions_answers_and_images(tmp_path):
+    root = daquar_layout(tmp_path, QA)
+    data = load_daquar(root / "qa.894.raw.train.txt", root / "nyu_depth_images", 8)
+    assert data.images.shape == (3, 3, 8, 8) and data.images.dtype == torch.uint8
+    assert [s["image"] for s in data.samples] == [0, 0, 1, 2]  # grouped by image, first-question order
+    first = data.samples[0]
+    assert first["prompt"] == "what is on the desk in the image ?"  # the image number is not in the prompt
+    assert first["response"] == "book , scissor , papers" and first["answers"] == [first["response"]]
+    assert data.samples[1]["prompt"] == "what is the largest object in this image ?"
+    assert {s["task"] for s in data.samples} == {"vqa"}
+    assert int(data.images[2, 0, 0, 0]) == 36  # image3.png, not another file
+    assert len(load_daquar(root / "qa.894.raw.train.txt", root / "nyu_depth_images", 8, max_images=1).samples) == 2
+
+
+@pytest.mark.parametrize("lines,message", [
+    (QA[:-1], "line 7 is a question with no answer line after it"),
+    (QA[:2] + ["what is this ?", "a chair"], "line 3 does not end in 'image<N> ?'"),
+    (QA[:2] + ["what is in the image2 ?", ""] + QA[4:], "line 4 (the answer to line 3) is empty"),
+    (QA + ["what is on the floor in the image9 ?", "rug"], "nyu_depth_images/image9.png (listed in"),
+])
+def test_daquar_bad_files_name_the_file_and_line(tmp_path, lines, message):
+    root = daquar_layout(tmp_path, lines)
+    with pytest.raises(DispError, match=re.escape(message)):
+        load_daquar(root / "qa.894.raw.train.txt", root / "nyu_depth_images", 8)
+
+
+def test_daquar_val_split_is_held_out_of_train(tmp_path):
+    images = range(1, 2 * DAQUAR_VAL_EVERY + 1)
+    lines = [x for k in images for x in (f"what is in the image{k} ?", f"thing{k}")]
+    root = daquar_layout(tmp_path, lines, images)
+    train = load_public("daquar", root, "train", 8)
+    val = load_public("daquar", root, "val", 8)
+    train_answers = {s["response"] for s in train.samples}
+    val_answers = {s["response"] for s in val.samples}
+    assert val_answers == {f"thing{DAQUAR_VAL_EVERY}", f"thing{2 * DAQUAR_VAL_EVERY}"}
+    assert not train_answers & val_answers and len(train_answers) + len(val_answers) == len(images)
+
+
+@needs_shared
+def test_real_daquar_counts():
+    """DAQUAR full: 6,795 train and 5,673 test question-answer pairs. The question files name 794 and
+    653 distinct images (the official image lists have 795 / 654: one image of each has no question)."""
+    root = SHARED / "daquar"
+    train, val, test = (load_public("daquar", root, split, 4) for split in ("train", "val", "test"))
+    assert len(train.samples) + len(val.samples) == 6795 and len(test.samples) == 5673
+    assert len(train.images) + len(val.images) == 794 and len(test.images) == 653
+    assert len(val.images) == 794 // DAQUAR_VAL_EVERY
+    assert any("," in s["response"] for s in train.samples)  # multi-word answers kept
+    assert all(s["prompt"].endswith(" image ?") for s in test.samples)  # the image number left the prompt
+
+
+@needs_shared
+def test_real_flickr8k_counts():
+    """Flickr8k: 8,091 photos, 40,455 captions (5 each), the standard 6,000 / 1,000 / 1,000 split."""
+    root = SHARED / "flickr8k"
+    everything = load_flickr_tokens(root / "Flickr8k.token.txt", root / "Flicker8k_Dataset", 4)
+    assert len(everything.images) == 8091 and len(everything.samples) == 40455
+    sizes = {split: load_public("flickr", root, split, 4) for split in ("train", "val", "test")}
+    assert {k: len(v.images) for k, v in sizes.items()} == {"train": 6000, "val": 1000, "test": 1000}
+    assert {k: len(v.samples) for k, v in sizes.items()} == {"train": 30000, "val": 5000, "test": 5000}
+    assert all(len(s["answers"]) == 5 for s in sizes["test"].samples)  # evaluated against all 5 references
+    files = {k: set(v.meta["image_files"]) for k, v in sizes.items()}
+    assert not files["train"] & files["test"] and not files["train"] & files["val"]
