@@ -95,3 +95,63 @@ def test_real_flickr8k_counts():
     assert all(len(s["answers"]) == 5 for s in sizes["test"].samples)  # evaluated against all 5 references
     files = {k: set(v.meta["image_files"]) for k, v in sizes.items()}
     assert not files["train"] & files["test"] and not files["train"] & files["val"]
+
+
+def test_finetune_set_of_public_data_shares_no_image_with_train_or_test(tmp_path):
+    """Flickr-style data: the fine-tuning set is the dev split; COCO/VQAv2-style (val is the test
+    split): the training images after the clean model's first train_images."""
+    from disp.config import DataConfig
+    from disp.data.splits import load_finetune_set, load_splits
+
+    images = range(1, 13)
+    lines = [x for k in images for x in (f"what is in the image{k} ?", f"thing{k}")]
+    root = daquar_layout(tmp_path / "daquar", lines, images)
+    (root / "qa.894.raw.test.txt").write_text("what is in the image12 ?\nthing12\n")
+    cfg = DataConfig(source="daquar", data_root=str(root), train_images=100, val_images=100, test_images=100,
+                     finetune_images=100)
+    train, val, test = load_splits(cfg, 8)
+    finetune = load_finetune_set(cfg, 8)
+    files = [set(d.meta["image_files"]) for d in (train, test, finetune)]
+    assert files[2] == set(val.meta["image_files"]) and not files[0] & files[2]
+
+    from disp.data.dataset import VLDataset, drop_first_images
+
+    data = VLDataset(torch.arange(4).view(4, 1, 1, 1).expand(4, 3, 2, 2).to(torch.uint8),
+                     [{"image": i // 2, "task": "vqa", "prompt": "p", "response": str(i), "answers": []} for i in range(8)],
+                     meta={"image_files": ["a", "b", "c", "d"]})
+    rest = drop_first_images(data, 3)
+    assert rest.images.shape[0] == 1 and int(rest.images[0, 0, 0, 0]) == 3
+    assert [s["image"] for s in rest.samples] == [0, 0] and [s["response"] for s in rest.samples] == ["6", "7"]
+    assert rest.meta["image_files"] == ["d"]
+
+
+@needs_shared
+def test_real_flickr8k_finetune_set_is_the_dev_split():
+    from disp.config import DataConfig
+    from disp.data.splits import load_finetune_set
+
+    cfg = DataConfig(source="flickr", data_root=str(SHARED / "flickr8k"), finetune_images=1000)
+    finetune = load_finetune_set(cfg, 4)
+    train = load_public("flickr", SHARED / "flickr8k", "train", 4)
+    assert len(finetune.images) == 1000 and not set(finetune.meta["image_files"]) & set(train.meta["image_files"])
+
+
+def test_finetune_set_where_val_is_the_test_split_is_the_tail_of_train(monkeypatch):
+    import disp.data.splits as splits
+    from disp.config import DataConfig
+    from disp.data.dataset import VLDataset
+
+    asked = []
+
+    def fake_load_public(name, root, split, image_size, max_images=None):
+        asked.append((split, max_images))
+        n = max_images or 50
+        return VLDataset(torch.zeros(n, 3, 4, 4, dtype=torch.uint8),
+                         [{"image": i, "task": "vqa", "prompt": "p", "response": "r", "answers": ["r"]} for i in range(n)],
+                         meta={"image_files": [f"{i}.jpg" for i in range(n)]})
+
+    monkeypatch.setattr(splits, "load_public", fake_load_public)
+    cfg = DataConfig(source="vqav2", data_root="/somewhere", train_images=30, finetune_images=5)
+    finetune = splits.load_finetune_set(cfg, 4)
+    assert asked == [("train", 35)]  # never the val split, which is vqav2's test split here
+    assert finetune.meta["image_files"] == [f"{i}.jpg" for i in range(30, 35)]

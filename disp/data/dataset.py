@@ -43,6 +43,16 @@ class VLDataset:
         return len(self.samples)
 
 
+def drop_first_images(dataset: VLDataset, n: int) -> VLDataset:
+    """The dataset without its first n images and their samples (image indices renumbered)."""
+    samples = [{**s, "image": s["image"] - n} for s in dataset.samples if s["image"] >= n]
+    labels = None if dataset.patch_labels is None else dataset.patch_labels[n:]
+    meta = dict(dataset.meta)
+    if "image_files" in meta:
+        meta["image_files"] = meta["image_files"][n:]
+    return VLDataset(dataset.images[n:], samples, labels, meta)
+
+
 def check_not_empty(dataset: VLDataset, source: str) -> VLDataset:
     if len(dataset.samples) == 0:
         raise DispError(f"{source} holds no samples; check the path and the split")

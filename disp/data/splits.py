@@ -2,16 +2,19 @@
 
 Scenes are generated from the config's seed: train, val, test and the fine-tuning set (the data
 the attacker poisons and DiSP purifies) use seeds seed, seed+1, seed+2, seed+3. Public data comes
-from the readers in disp/data/readers.py.
+from the readers in disp/data/readers.py; its fine-tuning set never shares an image with the clean
+model's training set or the test set (load_finetune_set).
 """
 
 from disp.config import DataConfig
-from disp.data.dataset import check_not_empty
+from disp.data.dataset import check_not_empty, drop_first_images
 from disp.data.readers import load_public
 from disp.data.scenes import generate_scenes
 from disp.support.errors import DispError
 
 SOURCES = ("scenes", "coco", "karpathy", "flickr", "vqav2", "daquar")
+# public datasets without test answers, whose val split serves as the test split
+VAL_IS_TEST = ("coco", "vqav2")
 
 
 def load_splits(cfg: DataConfig, image_size: int):
@@ -29,7 +32,7 @@ def load_splits(cfg: DataConfig, image_size: int):
         raise DispError(f"--data {cfg.source} needs --data-root pointing at the dataset folder")
     # COCO and VQAv2 publish no test answers: their val split doubles as the test split
     # (use --data karpathy for the standard COCO caption test split).
-    test_split = "val" if cfg.source in ("coco", "vqav2") else "test"
+    test_split = "val" if cfg.source in VAL_IS_TEST else "test"
     limits = {"train": (cfg.train_images, "train"), "val": (cfg.val_images, "val"), "test": (cfg.test_images, test_split)}
     return tuple(
         check_not_empty(load_public(cfg.source, cfg.data_root, split, image_size, max_images=limit),
@@ -39,8 +42,17 @@ def load_splits(cfg: DataConfig, image_size: int):
 
 
 def load_finetune_set(cfg: DataConfig, image_size: int):
-    """The fine-tuning set of the attack/defence stages: fresh scenes, or the public train split's head."""
+    """The fine-tuning set of the attack and purification stages: never an image the clean model
+    trained on, nor a test image. Scenes: fresh ones (seed + 3). Public data: the val split (Flickr8k's
+    dev images, Karpathy's val, DAQUAR's held-out tenth), or, where val is the test split (COCO,
+    VQAv2), the training images after the clean model's first train_images."""
     if cfg.source == "scenes":
         return generate_scenes(cfg.finetune_images, cfg.seed + 3, cfg.questions_per_image)
-    return check_not_empty(load_public(cfg.source, cfg.data_root, "train", image_size, max_images=cfg.finetune_images),
-                           f"{cfg.source} train split under {cfg.data_root}")
+    where = f"{cfg.source} data under {cfg.data_root}"
+    if cfg.source in VAL_IS_TEST:
+        train = load_public(cfg.source, cfg.data_root, "train", image_size,
+                            max_images=cfg.train_images + cfg.finetune_images)
+        return check_not_empty(drop_first_images(train, cfg.train_images),
+                               f"the training images after the first {cfg.train_images} of the {where}")
+    return check_not_empty(load_public(cfg.source, cfg.data_root, "val", image_size, max_images=cfg.finetune_images),
+                           f"the val split of the {where}")
