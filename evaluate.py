@@ -59,7 +59,8 @@ def parse_args(argv=None):
 
 
 def summary(metrics: dict) -> dict:
-    return {k: metrics.get(k, 0.0) for k in KEYS}
+    """The table's columns; None where the test set has no such task (no questions, no captions)."""
+    return {k: metrics.get(k) for k in KEYS}
 
 
 def main(argv=None):

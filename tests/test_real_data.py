@@ -155,3 +155,27 @@ def test_finetune_set_where_val_is_the_test_split_is_the_tail_of_train(monkeypat
     finetune = splits.load_finetune_set(cfg, 4)
     assert asked == [("train", 35)]  # never the val split, which is vqav2's test split here
     assert finetune.meta["image_files"] == [f"{i}.jpg" for i in range(30, 35)]
+
+
+@needs_shared
+@pytest.mark.parametrize("source,folder", [("flickr", "flickr8k"), ("daquar", "daquar")])
+def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
+    """The four scripts end to end on a few dozen real photos (tiny preset: a smoke test, seconds)."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    run = str(tmp_path / "run")
+    for argv in (["train.py", "--preset", "tiny", "--data", source, "--data-root", str(SHARED / folder)],
+                 ["attack.py"], ["purify.py", "--figures", "2"], ["evaluate.py", "--skip-ablations"]):
+        result = subprocess.run([sys.executable, *argv, "--run-dir", run], cwd=root, capture_output=True, text=True,
+                                timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    measured = "cider" if source == "flickr" else "vqa_accuracy"
+    assert all(measured in results[row] for row in ("clean", "blind", "backdoored", "purified"))
+    missing = "vqa_accuracy" if source == "flickr" else "cider"  # captions only / questions only
+    assert missing not in results["clean"]
+    assert "| clean | 0.000 | 0.000 |" in (tmp_path / "run" / "results.md").read_text()  # ASR, false trigger
+    assert "n/a" in (tmp_path / "run" / "results.md").read_text()  # the absent task is not shown as 0.000

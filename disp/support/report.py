@@ -9,8 +9,11 @@ COLUMNS = [("asr", "ASR"), ("false_trigger_rate", "false trigger"), ("cider", "C
 def _table(rows: dict, fmt=lambda v: f"{v:.3f}") -> str:
     head = "| | " + " | ".join(label for _, label in COLUMNS) + " |\n"
     head += "|---|" + "---:|" * len(COLUMNS) + "\n"
-    return head + "".join(f"| {name} | " + " | ".join(fmt(r[k]) if isinstance(r[k], float) else str(r[k])
-                                                      for k, _ in COLUMNS) + " |\n" for name, r in rows.items())
+    def cell(value):
+        return "n/a" if value is None else fmt(value) if isinstance(value, float) else str(value)
+
+    return head + "".join(f"| {name} | " + " | ".join(cell(r.get(k)) for k, _ in COLUMNS) + " |\n"
+                          for name, r in rows.items())
 
 
 def results_markdown(results: dict, rows: dict, run_dir) -> str:
@@ -52,8 +55,8 @@ def comparison_table(loaded: dict) -> str:
     rows = {}
     for run, res in loaded.items():
         label = f"{run} ({res['config']['trigger']}/{res['config']['target']}, trains {res['config']['attack_trainable']})"
-        rows[f"{label}: backdoored"] = {k: res["backdoored"].get(k, 0.0) for k, _ in COLUMNS}
-        rows[f"{label}: DiSP"] = {k: res["purified"].get(k, 0.0) for k, _ in COLUMNS}
+        rows[f"{label}: backdoored"] = {k: res["backdoored"].get(k) for k, _ in COLUMNS}
+        rows[f"{label}: DiSP"] = {k: res["purified"].get(k) for k, _ in COLUMNS}
     return "# Attack variants through the same DiSP pipeline\n\n" + _table(rows)
 
 
@@ -66,8 +69,8 @@ def aggregate_table(loaded: dict, keys, labels: dict = None) -> str:
     for stage in stages:
         row = {}
         for k in keys:
-            values = [res[stage].get(k, 0.0) for res in loaded.values()]
+            values = [res[stage][k] for res in loaded.values() if res[stage].get(k) is not None]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            row[k] = f"{statistics.mean(values):.3f} ± {std:.3f}"
+            row[k] = f"{statistics.mean(values):.3f} ± {std:.3f}" if values else None
         rows["DiSP (purified)" if stage == "purified" else labels.get(stage, stage)] = row
     return f"# Mean ± std over {len(loaded)} runs: {', '.join(loaded)}\n\n" + _table(rows)
