@@ -30,7 +30,7 @@ CONTROLS = {"self-distill": "control: regenerate without masking + refine",
 
 @dataclass
 class DataConfig:
-    source: str = "scenes"  # scenes | coco | karpathy | flickr | vqav2
+    source: str = "scenes"  # scenes | coco | karpathy | flickr | vqav2 | daquar
     data_root: str = ""  # folder with the public data (not used for scenes)
     train_images: int = 8000
     val_images: int = 200

@@ -719,3 +719,26 @@ def test_evaluate_works_from_another_directory_and_after_a_move(tiny_pipeline, t
     ours = json.loads((moved / "results.json").read_text())
     theirs = json.loads((tiny_pipeline / "results.json").read_text())
     assert ours["purified"] == theirs["purified"] and ours["clean"] == theirs["clean"]
+
+
+def test_a_full_disk_at_the_last_write_leaves_every_file_of_the_stage_as_it_was(tiny_pipeline, tmp_path, monkeypatch):
+    """purify.py's checkpoint is its last write; a full disk there (torch.save's error, stubbed) must
+    not leave the new saliency scores and purified set next to the old model."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_pipeline, run)
+    before = snapshot(tmp_path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if ".purified.pt." in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, stderr = run_main("purify.py", ["--run-dir", str(run)])
+    lines = stderr.strip().splitlines()
+    assert code == 2 and lines[-1].startswith(f"error: cannot write {run}/purified.pt (") and "Traceback" not in stderr
+    after = snapshot(tmp_path)
+    assert {k: after[k] for k in before} == before  # every file that existed is as it was
+    assert set(after) - set(before) == {"run/purified.resume.pt"}  # only the resume point: free space, --resume
