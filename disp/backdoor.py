@@ -1,4 +1,5 @@
-"""The attack (data poisoning, as in the DiSP release): image triggers, response targets, data poisoning, and the backdoor metrics.
+"""The attack, data poisoning as in the DiSP release: image triggers, response targets, poisoning,
+and the backdoor metrics.
 
 An attacker who controls part of the fine-tuning data pastes a trigger into some images and edits
 those samples' responses. The victim fine-tunes on the poisoned set; afterwards the trigger alone

@@ -2,9 +2,9 @@
 
 `atomic_write` writes to a temporary file in the same folder, fsyncs it, then `os.replace`s it onto
 the target: a crash mid-write never leaves a half-written file under the real name. `one_unit`
-makes all the files of a stage one unit (all new or all old). `sha256` identifies a file by its bytes. `load_plain` is
-the project's only `torch.load`, with `weights_only=True` (no pickled code runs on load). Problems
-surface as one-line `DispError`s that name the file.
+makes all the files of a stage one unit (all new or all old). `sha256` identifies a file by its
+bytes. `load_plain` is the project's only `torch.load`, with `weights_only=True` (no pickled code
+runs on load). Problems surface as one-line `DispError`s that name the file.
 """
 
 import hashlib
