@@ -11,8 +11,9 @@ it (no pickled code runs on load):
     made_from   {file name in the run directory: sha256} of every file the stage read or wrote with it
                 (its parent checkpoint, its data files); later stages check them (`check_made_from`)
     extra       stage-specific plain data (settings, metrics)
-A stage writes its data files first and its checkpoint last, so a crash in between leaves a
-checkpoint whose `made_from` no longer matches the files: the next stage refuses the mix.
+A stage writes its files as one unit (`files.one_unit`: all written, then all renamed, the checkpoint
+last); should a crash fall between two renames, the checkpoint's `made_from` no longer matches the
+files and the next stage refuses the mix.
 """
 
 from pathlib import Path
