@@ -30,7 +30,7 @@ from disp.backdoor import PATTERNS, POSITIONS, TARGETS, TRIGGERS, BackdoorConfig
 from disp.config import TINY_NOTE, TRAINABLE, AttackConfig, differences
 from disp.data.batching import encode_dataset
 from disp.data.dataset import save_dataset
-from disp.data.splits import load_finetune_set, load_splits
+from disp.data.splits import load_finetune_set, load_split
 from disp.evaluation import backdoor_metrics
 from disp.support import checkpoint, distributed, files
 from disp.support.errors import DispError, check_positive, friendly_errors
@@ -146,7 +146,7 @@ def main(argv=None):
         return distributed.close()
 
     # --- measure: clean model vs backdoored model ----------------------------------------------
-    _, _, test = load_splits(config.data, config.model.image_size)
+    test = load_split(config.data, config.model.image_size, "test")
     clean_model, *_ = checkpoint.load(clean_path, stages=["clean"], device=device)
     with autocast(device, attack.precision):
         results = {name: backdoor_metrics(m, tokenizer, test, backdoor, limit=args.eval_samples, device=device,

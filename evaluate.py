@@ -28,8 +28,8 @@ import torch
 from disp.backdoor import asr_eligible, triggered_copy
 from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig
 from disp.data.dataset import load_dataset
-from disp.data.splits import load_splits
-from disp.evaluation import backdoor_metrics, majority_answer_rate, token_scores
+from disp.data.splits import load_split
+from disp.evaluation import answer_rate, backdoor_metrics, token_scores
 from disp.saliency import SALIENCY_METHODS, fit_thresholds, select_adaptive, select_top_ratio
 from disp.support import checkpoint, files
 from disp.support.errors import DispError, check_positive, check_ratio, friendly_errors
@@ -105,7 +105,7 @@ def main(argv=None):
         checkpoint.check_made_from(state, path, run_dir, ["backdoored.pt"])
         return model, state
 
-    clean, *_ = checkpoint.load(run_dir / "clean.pt", stages=["clean"], device=device)
+    clean, _, _, clean_state = checkpoint.load(run_dir / "clean.pt", stages=["clean"], device=device)
     purified, p_state = load_of_this_run("purified")
     settings = PurifyConfig.from_dict(p_state["extra"]["purify"])
     controls = {name: load_of_this_run(name)[0] for name in CONTROL_ROWS if (run_dir / f"{name}.pt").exists()}
@@ -117,7 +117,7 @@ def main(argv=None):
     bcfg = attack.backdoor
     if config.preset == "tiny":
         print(TINY_NOTE)
-    train, _, test = load_splits(config.data, config.model.image_size)
+    test = load_split(config.data, config.model.image_size, "test")
     triggered = triggered_copy(test, bcfg)
 
     def measure(model, desc, limit=args.eval_samples, **masks):
@@ -153,9 +153,9 @@ def main(argv=None):
     every_token = torch.ones(len(test.samples), config.model.n_vision, dtype=torch.bool)
     results["blind"] = measure(clean, "clean model, blind", clean_masks=every_token, triggered_masks=every_token)[0]
     rows["blind"] = summary(results["blind"])
-    majority = majority_answer_rate(train, test)
-    if majority is not None:
-        results["majority_answer"] = {"answer": majority[0], "vqa_accuracy": majority[1]}
+    majority = clean_state["extra"].get("majority_answer")  # the most frequent training answer (train.py)
+    if majority is not None and answer_rate(majority, test) is not None:
+        results["majority_answer"] = {"answer": majority, "vqa_accuracy": answer_rate(majority, test)}
 
     # --- test-time defences on the backdoored model (no refinement) ------------------------------
     results["test_time_defences"], results["sweep"] = {}, {}

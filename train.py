@@ -26,7 +26,7 @@ from disp.config import TINY_NOTE, Config, get_preset, with_vocabulary
 from disp.data.batching import encode_dataset
 from disp.data.splits import SOURCES, load_splits
 from disp.data.tokenizer import Tokenizer
-from disp.evaluation import clean_metrics, generate_responses, split_indices
+from disp.evaluation import clean_metrics, generate_responses, majority_answer, split_indices
 from disp.support import checkpoint, distributed, files
 from disp.support.errors import DispError, check_choice, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
@@ -162,7 +162,8 @@ def main(argv=None):
     with files.one_unit():
         files.write_json(run_dir / "clean_metrics.json", {"metrics": metrics, "config": config.to_dict()})
         checkpoint.save(final_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
-                        optimizer=optimizer, step=config.train.sft_steps, rng=rng, extra={"metrics": metrics})
+                        optimizer=optimizer, step=config.train.sft_steps, rng=rng,
+                        extra={"metrics": metrics, "majority_answer": majority_answer(train)})
     resume_path.unlink(missing_ok=True)
 
     for i, pred in zip(examples, example_outputs):

@@ -24,7 +24,7 @@ import torch  # noqa: E402  (after _common, which puts the repository on sys.pat
 
 from disp.config import get_preset, with_vocabulary  # noqa: E402
 from disp.data.batching import encode_dataset  # noqa: E402
-from disp.data.splits import load_splits  # noqa: E402
+from disp.data.splits import load_split  # noqa: E402
 from disp.data.tokenizer import Tokenizer  # noqa: E402
 import disp.model  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv=None):
     info = machine()
     print(f"machine: {machine_line(info)}")
     config = get_preset(args.preset)
-    train, _, _ = load_splits(config.data, config.model.image_size)
+    train = load_split(config.data, config.model.image_size, "train")
     tokenizer = Tokenizer.for_samples(train.samples)
     config = with_vocabulary(config, len(tokenizer), train.meta.get("patch_classes") or [len(tokenizer)])
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from disp.config import get_preset, with_vocabulary  # noqa: E402
 from disp.data.batching import encode_dataset  # noqa: E402
-from disp.data.splits import load_splits  # noqa: E402
+from disp.data.splits import load_split  # noqa: E402
 from disp.data.tokenizer import Tokenizer  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import friendly_errors  # noqa: E402
@@ -85,7 +85,7 @@ def main(argv=None):
     t0 = time.time()
     config = get_preset(args.preset)
     config = replace(config, data=replace(config.data, seed=args.seed), train=replace(config.train, seed=args.seed))
-    train, _, _ = load_splits(config.data, config.model.image_size)
+    train = load_split(config.data, config.model.image_size, "train")
     tokenizer = Tokenizer.for_samples(train.samples)
     config = with_vocabulary(config, len(tokenizer), train.meta.get("patch_classes") or [len(tokenizer)])
     torch.manual_seed(args.seed)

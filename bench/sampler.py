@@ -31,7 +31,7 @@ from disp.data.batching import encode_dataset  # noqa: E402
 from disp.diffusion import generate  # noqa: E402
 from disp.support.errors import friendly_errors  # noqa: E402
 from disp.evaluation import encode_images_once, generate_responses, score, split_indices  # noqa: E402
-from disp.data.splits import load_splits  # noqa: E402
+from disp.data.splits import load_split  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -118,7 +118,7 @@ def main(argv=None):
 
     model, tokenizer, config, _ = checkpoint.load(run_dir / "clean.pt", stages=["clean"], device=device)
     cfg = model.cfg
-    _, _, test = load_splits(config.data, cfg.image_size)
+    test = load_split(config.data, cfg.image_size, "test")
     n = min(args.samples, len(test.samples))
     enc = encode_dataset(test, tokenizer, cfg)
     images = test.images[enc.image_index[:n]].to(device)

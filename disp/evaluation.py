@@ -91,15 +91,18 @@ def score(dataset, indices, predictions) -> dict:
     return result
 
 
-def majority_answer_rate(train, test):
-    """(the most frequent answer of the training questions, its VQA accuracy on the test questions):
-    what a model that ignores both image and question would score. None if there are no questions."""
+def majority_answer(train):
+    """The most frequent answer of the training questions (None without questions): train.py stores
+    it with the clean model, so evaluate.py needs no training data."""
     answers = Counter(s["response"] for s in train.samples if s["task"] != "caption")
+    return answers.most_common(1)[0][0] if answers else None
+
+
+def answer_rate(answer: str, test):
+    """VQA accuracy of giving `answer` to every test question: what a model that ignores both image
+    and question scores. None without questions."""
     questions = [s for s in test.samples if s["task"] != "caption"]
-    if not answers or not questions:
-        return None
-    majority = answers.most_common(1)[0][0]
-    return majority, sum(vqa_accuracy(majority, s["answers"]) for s in questions) / len(questions)
+    return sum(vqa_accuracy(answer, s["answers"]) for s in questions) / len(questions) if questions else None
 
 
 def clean_metrics(model, tokenizer, dataset, *, limit=None, device="cpu", desc=None, return_predictions=False):

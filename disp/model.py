@@ -69,11 +69,11 @@ def attention(q, k, v, context=None):
     2-core development CPU, ms per training step of batch 64): the two are equally fast (fp32 118
     vs 120, bf16 79 vs 79), but under bf16 autocast their rounding differs, and that is enough to
     change a training run: the seed-0 clean model reached VQA accuracy 0.973 with this form and
-    0.933 with the plain one (relational questions are learnt late and abruptly). The README's
-    results were made with this form, so it stays. Both are written out rather than
-    F.scaled_dot_product_attention: they return the weights, which the CleanSight baseline needs
-    (disp.saliency.attention_scores), and at our lengths (<= 60 positions) SDPA was no faster in
-    fp32 (119 ms) and more than twice as slow under bf16 autocast (178 ms).
+    0.933 with the plain one (relational questions are learnt late and abruptly; bench/README.md,
+    Attention, has the commands). The README's results were made with this form, so it stays. Both
+    are written out rather than F.scaled_dot_product_attention: they return the weights, which the
+    CleanSight baseline needs (disp.saliency.attention_scores), and at our lengths (<= 60 positions)
+    SDPA was no faster in fp32 (119 ms) and more than twice as slow under bf16 autocast (178 ms).
     """
     scale = q.shape[-1] ** -0.5
     scores = q @ k.transpose(-2, -1) * scale  # (B, h, Tx, Tx)

@@ -1,4 +1,4 @@
-"""Vision-token saliency and the rules that pick which image positions to mask (DiSP, Wan et al. 2026, §3).
+"""Vision-token saliency and the rules that pick which image positions to mask (DiSP, Wan et al. 2026).
 
 Saliency of vision token i is measured at the first denoising step, when the whole response is
 [MASK]: P are the model's predicted distributions at the response positions with every vision
@@ -106,9 +106,9 @@ def fit_thresholds(scores, tasks, min_gap: float = 4.0):
 
     A trigger token's occlusion KL stands far above a clean token's, so the top scores of a prompt
     type split into two groups (README, "How DiSP works", has the measured scores and why the
-    default minimum gap is 4x). We sort the per-sample maxima on a log scale and take the widest gap above their median (so up
-    to half the samples may be poisoned); if that gap is narrower than `min_gap` (a ratio), nothing
-    of that prompt type is an outlier and its threshold is +inf. Per prompt type, because caption
+    default minimum gap is 4x). We sort the per-sample maxima on a log scale and take the widest
+    gap above their median (so up to half the samples may be poisoned); if that gap is narrower
+    than `min_gap` (a ratio), nothing of that prompt type is an outlier and its threshold is +inf. Per prompt type, because caption
     prompts have far larger per-token KL than one-word VQA answers: one global threshold would mix
     two scales. The defender knows each sample's prompt, nothing else.
     """

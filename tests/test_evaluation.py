@@ -50,8 +50,8 @@ def test_token_scores_give_one_row_per_requested_sample_in_order():
     assert token_scores(model, tokenizer, data, [], "kl").shape == (0, 36)
 
 
-def test_majority_answer_rate_is_the_most_frequent_training_answer_given_to_every_question():
-    from disp.evaluation import majority_answer_rate
+def test_majority_answer_is_the_most_frequent_training_answer_and_its_rate_on_test_questions():
+    from disp.evaluation import answer_rate, majority_answer
 
     def dataset(pairs):
         return VLDataset(torch.zeros(1, 3, 48, 48, dtype=torch.uint8),
@@ -61,5 +61,6 @@ def test_majority_answer_rate_is_the_most_frequent_training_answer_given_to_ever
     train = dataset([("color", "red"), ("count", "2"), ("color", "red"), ("caption", "a red thing")] +
                     [("caption", "red")] * 5)  # captions do not count as answers
     test = dataset([("color", "red"), ("count", "3"), ("shape", "circle"), ("caption", "red")])
-    assert majority_answer_rate(train, test) == ("red", 1 / 3)
-    assert majority_answer_rate(dataset([("caption", "x")]), test) is None
+    assert majority_answer(train) == "red" and answer_rate("red", test) == 1 / 3
+    assert majority_answer(dataset([("caption", "x")])) is None
+    assert answer_rate("red", dataset([("caption", "red")])) is None

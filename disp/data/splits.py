@@ -10,35 +10,37 @@ from disp.config import DataConfig
 from disp.data.dataset import check_not_empty, drop_first_images
 from disp.data.readers import load_public
 from disp.data.scenes import generate_scenes
-from disp.support.errors import DispError
+from disp.support.errors import DispError, check_choice
 
 SOURCES = ("scenes", "coco", "karpathy", "flickr", "vqav2", "daquar")
 # public datasets without test answers, whose val split serves as the test split
 VAL_IS_TEST = ("coco", "vqav2")
 
 
-def load_splits(cfg: DataConfig, image_size: int):
-    """-> (train, val, test) VLDatasets."""
-    if cfg.source not in SOURCES:
-        raise DispError(f"unknown --data '{cfg.source}'; choose one of: {', '.join(SOURCES)}")
+SPLITS = ("train", "val", "test")
+
+
+def load_split(cfg: DataConfig, image_size: int, split: str):
+    """One of the run's train / val / test splits, as a VLDataset (a stage loads only what it needs)."""
+    check_choice("--data", cfg.source, SOURCES)
+    check_choice("split", split, SPLITS)
+    limit = {"train": cfg.train_images, "val": cfg.val_images, "test": cfg.test_images}[split]
     if cfg.source == "scenes":
         if image_size != 48:
             raise DispError(f"the scene generator renders 48 px images, but the model expects {image_size} px")
-        return tuple(
-            generate_scenes(n, cfg.seed + offset, cfg.questions_per_image)
-            for offset, n in enumerate([cfg.train_images, cfg.val_images, cfg.test_images])
-        )
+        return generate_scenes(limit, cfg.seed + SPLITS.index(split), cfg.questions_per_image)
     if not cfg.data_root:
         raise DispError(f"--data {cfg.source} needs --data-root pointing at the dataset folder")
     # COCO and VQAv2 publish no test answers: their val split doubles as the test split
     # (use --data karpathy for the standard COCO caption test split).
-    test_split = "val" if cfg.source in VAL_IS_TEST else "test"
-    limits = {"train": (cfg.train_images, "train"), "val": (cfg.val_images, "val"), "test": (cfg.test_images, test_split)}
-    return tuple(
-        check_not_empty(load_public(cfg.source, cfg.data_root, split, image_size, max_images=limit),
-                        f"{cfg.source} {split} split under {cfg.data_root}")
-        for limit, split in limits.values()
-    )
+    public = "val" if split == "test" and cfg.source in VAL_IS_TEST else split
+    return check_not_empty(load_public(cfg.source, cfg.data_root, public, image_size, max_images=limit),
+                           f"{cfg.source} {split} split under {cfg.data_root}")
+
+
+def load_splits(cfg: DataConfig, image_size: int):
+    """-> (train, val, test) VLDatasets."""
+    return tuple(load_split(cfg, image_size, split) for split in SPLITS)
 
 
 def load_finetune_set(cfg: DataConfig, image_size: int):
