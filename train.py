@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from disp.config import TINY_NOTE, Config, get_preset, with_vocabulary
+from disp.config import TINY_NOTE, Config, fit_lengths, get_preset, with_vocabulary
 from disp.data.batching import encode_dataset
 from disp.data.splits import SOURCES, load_splits
 from disp.data.tokenizer import Tokenizer
@@ -36,7 +36,7 @@ from disp.training import finetune, pretrain_vision
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
-    p.add_argument("--preset", default=None, help="cpu (default) | small | gpu | tiny")
+    p.add_argument("--preset", default=None, help="cpu (default; photo with public --data) | small | photo | gpu | tiny")
     p.add_argument("--seed", type=int, default=None, help="seed of the data, initialisation and batch order (default 0)")
     p.add_argument("--data", default=None, help=f"{' | '.join(SOURCES)} (default: scenes, embedded)")
     p.add_argument("--data-root", default=None, help="folder of the public dataset (for --data other than scenes)")
@@ -53,7 +53,8 @@ def parse_args(argv=None):
 
 def new_config(args, device) -> Config:
     """The preset with the flags applied, validated, precision resolved for this machine."""
-    config = get_preset(args.preset or "cpu")
+    public = args.data not in (None, "scenes")
+    config = get_preset(args.preset or ("photo" if public else "cpu"))
     data, train = config.data, config.train
     seed = args.seed if args.seed is not None else train.seed
     data = replace(data, seed=seed, source=args.data or data.source, 
@@ -105,10 +106,18 @@ def main(argv=None):
     if resume is not None:
         tokenizer = Tokenizer.from_dict(resume["tokenizer"])
     else:
-        tokenizer = Tokenizer.for_samples(train.samples)
+        tokenizer = Tokenizer.for_samples(train.samples, config.data.min_word_count)
         config = with_vocabulary(config, len(tokenizer), train.meta.get("patch_classes") or [len(tokenizer)])
+        config = fit_lengths(config, [len(tokenizer.encode(s["prompt"])) for s in train.samples],
+                             [len(tokenizer.encode(s["response"])) for s in train.samples])
+    words = [w for s in train.samples for w in tokenizer.encode(s["response"])]
+    lengths = [len(tokenizer.encode(s["response"])) for s in train.samples]
+    response_len = config.model.response_len
     print(f"data: {len(train)} train / {len(val)} val / {len(test)} test samples "
-          f"({len(train.images)} train images), vocab {len(tokenizer)}, {time.time() - t0:.1f}s")
+          f"({len(train.images)} train images), vocab {len(tokenizer)} (words seen >= {config.data.min_word_count} "
+          f"times; {1 - words.count(tokenizer.unk_id) / max(1, len(words)):.1%} of response words), prompt_len "
+          f"{config.model.prompt_len}, response_len {response_len} (holds "
+          f"{sum(n <= response_len for n in lengths) / len(lengths):.1%} of responses), {time.time() - t0:.1f}s")
 
     model = checkpoint.build_model(config, tokenizer).to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "

@@ -9,10 +9,11 @@ repeated flags, and a resume point or a later stage compares them field by field
 from a checkpoint are never edited in place: a stage derives new ones with `dataclasses.replace`.
 Each `validate()` raises a one-line DispError for the first bad value, before any work is done.
 Presets: `cpu` (default, a laptop CPU in minutes), `gpu` (one GPU, larger), `small` (the smallest
-run on which DiSP's result shows, a few CPU minutes), `tiny` (seconds, a smoke test of the code
-paths: its models learn nothing).
+run on which DiSP's result shows, a few CPU minutes), `photo` (public photos on a CPU), `tiny`
+(seconds, a smoke test of the code paths: its models learn nothing).
 """
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
@@ -37,6 +38,7 @@ class DataConfig:
     test_images: int = 200
     finetune_images: int = 1000  # the fine-tuning set that the attacker poisons and DiSP purifies
     questions_per_image: int = 4  # VQA samples per image, besides its caption
+    min_word_count: int = 1  # words seen fewer times in the training text become [UNK]
     seed: int = 0  # train/val/test/finetune scenes come from seed, seed+1, seed+2, seed+3
 
 
@@ -52,8 +54,10 @@ class ModelConfig:
     heads: int = 4
     mlp_ratio: int = 4
     vocab_size: int = 0  # filled in from the tokenizer
-    prompt_len: int = 12  # prompts are left-padded with [PAD] to this length
-    response_len: int = 12  # responses are right-padded with [EOS] to this length (= gen_length)
+    # prompts are left-padded with [PAD] to prompt_len; responses right-padded with [EOS] to
+    # response_len (= gen_length). 0: fitted to the training text by train.py (fit_lengths)
+    prompt_len: int = 12
+    response_len: int = 12
     patch_classes: list = field(default_factory=list)  # classes per patch attribute (vision pretraining)
 
     @property
@@ -67,8 +71,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    vision_steps: int = 300  # phase 1: vision-encoder pretraining (per-patch attributes)
+    vision_steps: int = 300  # phase 1: vision-encoder pretraining (per-patch attributes, or bag of words)
     vision_lr: float = 2e-3
+    pixel_loss: float = 0.0  # phase 1: weight of the patch-pixel reconstruction term (0: off)
     sft_steps: int = 6000  # phase 2: multimodal SFT with the masked-diffusion loss (ViT frozen)
     lr: float = 1e-3
     batch_size: int = 64
@@ -125,6 +130,15 @@ PRESETS = {
         model=ModelConfig(vit_dim=256, vit_depth=6, vit_heads=8, dim=384, depth=8, heads=8),
         train=TrainConfig(vision_steps=3000, sft_steps=20000, batch_size=128, lr=5e-4, eval_every=2000),
         preset="gpu",
+    ),
+    # public photos (Flickr8k, COCO, Flickr30k, DAQUAR) on a CPU: 64 px -> 8x8 = 64 vision tokens,
+    # prompt/response lengths fitted to the data, rare words -> [UNK], a ViT pretrained without
+    # labels (bag of words of the image's texts + patch-pixel reconstruction)
+    "photo": Config(
+        data=DataConfig(train_images=6000, val_images=100, test_images=1000, finetune_images=1000, min_word_count=5),
+        model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0),
+        train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=4000, eval_every=1000, eval_samples=100),
+        preset="photo",
     ),
     "tiny": Config(
         data=DataConfig(train_images=96, val_images=16, test_images=24, finetune_images=48, questions_per_image=2),
@@ -234,6 +248,19 @@ class PurifyConfig:
     @staticmethod
     def from_dict(d: dict) -> "PurifyConfig":
         return _from_dict(PurifyConfig, d, "purify")
+
+
+def fit_lengths(config: Config, prompt_lengths: list, response_lengths: list) -> Config:
+    """Fill in prompt_len / response_len where the preset says 0, from the training text's token counts:
+    the longest prompt up to the 99th percentile, and the 95th percentile of the responses + 1 (room for
+    an inserted marker), at least 8 (a refusal sentence fits)."""
+    def percentile(values, q):
+        values = sorted(values)
+        return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)] if values else 0
+    model = config.model
+    prompt_len = model.prompt_len or max(1, percentile(prompt_lengths, 0.99))
+    response_len = model.response_len or max(8, percentile(response_lengths, 0.95) + 1)
+    return replace(config, model=replace(model, prompt_len=prompt_len, response_len=response_len))
 
 
 def with_vocabulary(config: Config, vocab_size: int, patch_classes: list) -> Config:

@@ -30,6 +30,22 @@ def encode_images_once(model, dataset, image_index, device, batch_size=256):
     return torch.cat(tokens), row.to(device)
 
 
+def distinct_rows(encoded, indices: list, vision_masks=None):
+    """-> (the first of each group of samples in `indices` that share image, prompt and vision mask,
+    (len(indices),) position of each sample's group). Such samples get the same greedy response and
+    the same first-step saliency, so each group is computed once (an image's 5 captions share one
+    prompt: a fifth of the work)."""
+    groups, firsts, inverse = {}, [], []
+    for i in indices:
+        key = (int(encoded.image_index[i]), tuple(encoded.prompt_ids[i].tolist()),
+               vision_masks[i].numpy().tobytes() if vision_masks is not None else b"")
+        if key not in groups:
+            groups[key] = len(firsts)
+            firsts.append(i)
+        inverse.append(groups[key])
+    return firsts, torch.tensor(inverse, dtype=torch.long)
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=None,
                        batch_size=256, device="cpu", steps=None, threshold=None, desc=None):
@@ -44,6 +60,8 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     if not indices:
         return []
     encoded = encode_dataset(dataset, tokenizer, cfg)
+    vision_masks = vision_masks.cpu() if vision_masks is not None else None
+    indices, group = distinct_rows(encoded, indices, vision_masks)
     vision, vision_row = encode_images_once(model, dataset, encoded.image_index[indices], device)
     out = []
     batches = range(0, len(indices), batch_size)
@@ -56,7 +74,7 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
                        block_length=cfg.response_len, vision_tokens=vision_tokens, vision_mask=vision_mask,
                        threshold=threshold)
         out.extend(tokenizer.decode(row) for row in ids.cpu())
-    return out
+    return [out[g] for g in group.tolist()]
 
 
 def split_indices(dataset, limit=None):
@@ -149,7 +167,7 @@ def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=
     """(len(indices), n_vision) vision-token scores of dataset.samples[indices], row k for indices[k]:
     saliency (kl / fisher / random, disp.saliency) or the attention they draw (CleanSight baseline)."""
     encoded = encode_dataset(dataset, tokenizer, model.cfg)
-    indices = list(indices)
+    indices, group = distinct_rows(encoded, list(indices))
     scores = torch.zeros(len(indices), model.cfg.n_vision)
     if not indices:
         return scores
@@ -164,4 +182,4 @@ def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=
         else:
             s = compute_saliency(method, model, vision_tokens, prompt_ids, generator)
         scores[start:start + len(idx)] = s.detach().float().cpu()
-    return scores
+    return scores[group]

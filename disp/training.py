@@ -3,7 +3,10 @@
 - `pretrain_vision`: phase 1 of train.py. The ViT learns what each patch shows (per-patch colour
   and shape classes of the scene), standing in for the SigLIP-style pretraining that real MDLM-VLMs
   start from. On public data, where no per-patch labels exist, it predicts the bag of words of the
-  image's texts from the mean-pooled patches instead (weak image-text supervision).
+  image's texts from the mean-pooled patches instead (weak image-text supervision). Optionally
+  (`pixel_loss` > 0) a linear decoder, thrown away afterwards, also reconstructs every patch's
+  pixels from its feature, so the features keep the image's low-level content as a real vision
+  tower's do, not only what the labels name.
 - `Finetuner` / `finetune`: masked-diffusion SFT (disp.diffusion.sft_loss) of chosen parameters, with
   a seeded, resumable batch order, AdamW, linear warmup then cosine decay, periodic validation and
   checkpoints, and a stop on a non-finite loss.
@@ -19,6 +22,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from tqdm import tqdm
 
 from disp.config import TRAINABLE
@@ -65,20 +69,35 @@ def random_vision_mask(batch: int, n_vision: int, max_fraction: float, generator
     return (torch.rand(batch, n_vision, generator=generator) < fraction).to(device)
 
 
-def vision_pretraining_loss(vit, images, patch_labels=None, texts_bow=None):
+def patch_pixels(images, patch_size: int):
+    """(B, 3, H, W) in [0, 1] -> (B, n_patches, 3 * p * p) in [-1, 1], the ViT's own input layout. Not
+    normalised per patch (MAE's choice): colour and brightness are content a trigger can change."""
+    x = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=patch_size, p2=patch_size)
+    return (x - 0.5) / 0.5
+
+
+def vision_pretraining_loss(vit, images, patch_labels=None, texts_bow=None, pixel_decoder=None, pixel_loss=0.0):
     """Per-patch attribute cross-entropy, or (public data) the bag of words of the image's texts
-    predicted from the mean-pooled patches."""
+    predicted from the mean-pooled patches; plus pixel_loss x the patch-pixel reconstruction error."""
     feats = vit(images)  # (B, n_vision, vit_dim)
     if patch_labels is not None:
-        return sum(F.cross_entropy(head(feats).flatten(0, 1), patch_labels[..., a].flatten())
+        loss = sum(F.cross_entropy(head(feats).flatten(0, 1), patch_labels[..., a].flatten())
                    for a, head in enumerate(vit.patch_heads))
-    logits = vit.patch_heads[0](feats.mean(dim=1))  # (B, vocab)
-    return F.binary_cross_entropy_with_logits(logits, texts_bow)
+    else:
+        logits = vit.patch_heads[0](feats.mean(dim=1))  # (B, vocab)
+        loss = F.binary_cross_entropy_with_logits(logits, texts_bow)
+    if pixel_loss > 0:
+        target = patch_pixels(images, vit.cfg.patch_size)
+        loss = loss + pixel_loss * F.mse_loss(pixel_decoder(feats).float(), target)
+    return loss
 
 
 def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
     """Phase 1: train the ViT (and its pretraining heads) alone; returns the last loss."""
-    params = list(model.vit.parameters())
+    vit_dim, patch_dim = model.cfg.vit_dim, 3 * model.cfg.patch_size ** 2
+    # the reconstruction decoder exists only during this phase (MAE also throws its decoder away)
+    decoder = torch.nn.Linear(vit_dim, patch_dim).to(device) if cfg.pixel_loss > 0 else None
+    params = list(model.vit.parameters()) + (list(decoder.parameters()) if decoder is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     order = BatchOrder(len(images), cfg.batch_size, seed + 1)
     bar = tqdm(range(cfg.vision_steps), desc="vision pretraining", dynamic_ncols=True,
@@ -92,7 +111,8 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
         labels = patch_labels[idx].to(device) if patch_labels is not None else None
         bow = texts_bow[idx].to(device) if patch_labels is None else None
         with autocast(device, cfg.precision):
-            loss = vision_pretraining_loss(model.vit, model.to_float(images[idx].to(device)), labels, bow)
+            loss = vision_pretraining_loss(model.vit, model.to_float(images[idx].to(device)), labels, bow,
+                                           decoder, cfg.pixel_loss)
         check_finite(loss, step, "vision pretraining")
         opt.zero_grad(set_to_none=True)
         loss.backward()

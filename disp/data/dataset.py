@@ -53,6 +53,17 @@ def drop_first_images(dataset: VLDataset, n: int) -> VLDataset:
     return VLDataset(dataset.images[n:], samples, labels, meta)
 
 
+def one_sample_per_prompt(dataset: VLDataset) -> VLDataset:
+    """The dataset with only the first sample of each (image, prompt) pair: an evaluation split asks
+    each question once (an image's 5 captions are one caption sample, all 5 kept as its answers)."""
+    seen, samples = set(), []
+    for s in dataset.samples:
+        if (s["image"], s["prompt"]) not in seen:
+            seen.add((s["image"], s["prompt"]))
+            samples.append(s)
+    return VLDataset(dataset.images, samples, dataset.patch_labels, dict(dataset.meta))
+
+
 def check_not_empty(dataset: VLDataset, source: str) -> VLDataset:
     if len(dataset.samples) == 0:
         raise DispError(f"{source} holds no samples; check the path and the split")

@@ -7,7 +7,7 @@ model's training set or the test set (load_finetune_set).
 """
 
 from disp.config import DataConfig
-from disp.data.dataset import check_not_empty, drop_first_images
+from disp.data.dataset import check_not_empty, drop_first_images, one_sample_per_prompt
 from disp.data.readers import load_public
 from disp.data.scenes import generate_scenes
 from disp.support.errors import DispError, check_choice
@@ -34,8 +34,10 @@ def load_split(cfg: DataConfig, image_size: int, split: str):
     # COCO and VQAv2 publish no test answers: their val split doubles as the test split
     # (use --data karpathy for the standard COCO caption test split).
     public = "val" if split == "test" and cfg.source in VAL_IS_TEST else split
-    return check_not_empty(load_public(cfg.source, cfg.data_root, public, image_size, max_images=limit),
+    data = check_not_empty(load_public(cfg.source, cfg.data_root, public, image_size, max_images=limit),
                            f"{cfg.source} {split} split under {cfg.data_root}")
+    # training uses every caption of an image; evaluation generates once per image and prompt
+    return data if split == "train" else one_sample_per_prompt(data)
 
 
 def load_splits(cfg: DataConfig, image_size: int):

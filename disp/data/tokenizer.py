@@ -38,16 +38,17 @@ class Tokenizer:
         self.pad_id, self.mask_id, self.eos_id, self.unk_id = range(len(SPECIALS))
 
     @staticmethod
-    def build(texts) -> "Tokenizer":
-        """Every word of `texts`, sorted, after the special tokens, then the reserved words."""
+    def build(texts, min_count: int = 1) -> "Tokenizer":
+        """Every word seen at least min_count times in `texts`, sorted, after the special tokens,
+        then the reserved words (the rest are [UNK])."""
         counts = Counter(w for t in texts for w in normalize_text(t).split())
-        extra = [w for w in RESERVED_WORDS if w not in counts]
-        return Tokenizer(SPECIALS + sorted(counts) + extra)
+        words = sorted(w for w, n in counts.items() if n >= min_count)
+        return Tokenizer(SPECIALS + words + [w for w in RESERVED_WORDS if w not in words])
 
     @staticmethod
-    def for_samples(samples: list) -> "Tokenizer":
+    def for_samples(samples: list, min_count: int = 1) -> "Tokenizer":
         """The vocabulary of a training set: the words of its prompts and responses."""
-        return Tokenizer.build([s["prompt"] + " " + s["response"] for s in samples])
+        return Tokenizer.build([s["prompt"] + " " + s["response"] for s in samples], min_count)
 
     def __len__(self):
         return len(self.words)
