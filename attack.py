@@ -38,6 +38,12 @@ from disp.support.runtime import autocast, pick_device, resolve_precision, seed_
 from disp.training import finetune, trainable_parameters
 
 
+# the misclassify target's default (source word -> destination word) per data source: a frequent
+# concept of its responses ("captions": the photo caption datasets, as the release's dog -> boat)
+MISCLASSIFY_WORDS = {"scenes": ("red", "green"), "daquar": ("table", "chair"), "vqav2": ("yes", "no"),
+                     "captions": ("dog", "boat")}
+
+
 def parse_args(argv=None):
     d = BackdoorConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,8 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--patch-position", default=None, help=f"{' | '.join(POSITIONS)} (default {d.patch_position})")
     p.add_argument("--patch-pattern", default=None, help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern})")
     p.add_argument("--blend-alpha", type=float, default=None, help=f"blended trigger strength (default {d.blend_alpha})")
-    p.add_argument("--source-word", default=None, help=f"misclassify: word to replace (default {d.source_word})")
-    p.add_argument("--destination-word", default=None, help=f"misclassify: its replacement (default {d.destination_word})")
+    p.add_argument("--source-word", default=None,
+                   help=f"misclassify: word to replace (default per data: {d.source_word} on the scenes, dog on captions)")
+    p.add_argument("--destination-word", default=None,
+                   help=f"misclassify: its replacement (default {d.destination_word} on the scenes, boat on captions)")
     p.add_argument("--trainable", default=None, help=f"{' | '.join(TRAINABLE)} (default projector+lm; the ViT "
                                                      f"is frozen unless 'all')")
     p.add_argument("--finetune-images", type=int, default=None, help="images of the fine-tuning set (default: the preset's)")
@@ -95,7 +103,9 @@ def main(argv=None):
     if run_clean.exists() and run_clean.resolve() != clean_path.resolve() and \
             files.sha256(run_clean) != made_from["clean.pt"]:
         raise DispError(f"{run_clean} is another model than {clean_path}; give a new --run-dir for this attack")
-    defaults = AttackConfig(backdoor=BackdoorConfig(seed=config.train.seed), lr=config.train.lr,
+    source, destination = MISCLASSIFY_WORDS.get(config.data.source, MISCLASSIFY_WORDS["captions"])
+    defaults = AttackConfig(backdoor=BackdoorConfig(seed=config.train.seed, source_word=source,
+                                                    destination_word=destination), lr=config.train.lr,
                             finetune_images=config.data.finetune_images, seed=config.train.seed,
                             precision=config.train.precision)
     attack = attack_config(args, defaults, device, config.model.image_size)

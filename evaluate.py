@@ -17,9 +17,14 @@ for kl vs random selection. Precision: the attack's unless --precision is given.
     results.json   every number above, with the settings
     results.md     the same as tables, with example outputs
     sweep.png      ASR and clean quality against the mask ratio (not with --skip-ablations)
+    examples.png   test photos: reference, clean output; on the triggered photo the backdoored model's
+                   saliency, the tokens DiSP masks, the backdoored and purified outputs (--figures > 0)
+    denoising.png  the denoising order on one triggered test photo: which token the clean, backdoored,
+                   masked-backdoored and purified models commit at each step, and how confidently
 """
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -29,11 +34,11 @@ from disp.backdoor import asr_eligible, triggered_copy
 from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig
 from disp.data.dataset import load_dataset
 from disp.data.splits import load_split
-from disp.evaluation import answer_rate, backdoor_metrics, token_scores
+from disp.evaluation import answer_rate, backdoor_metrics, denoising_trace, token_scores
 from disp.saliency import SALIENCY_METHODS, fit_thresholds, select_adaptive, select_top_ratio
 from disp.support import checkpoint, files
 from disp.support.errors import DispError, check_positive, check_ratio, friendly_errors
-from disp.support.figures import sweep_curves
+from disp.support.figures import denoising_order, example_panels, sweep_curves
 from disp.support.report import aggregate_table, comparison_table, results_markdown
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 
@@ -51,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-samples", type=int, default=None, help="test samples of the main rows (default: all)")
     p.add_argument("--ablation-samples", type=int, default=200, help="test samples of the defences and the sweep")
     p.add_argument("--skip-ablations", action="store_true", help="only the main rows (for attack variants)")
+    p.add_argument("--figures", type=int, default=4, help="test samples in examples.png (0: no examples.png, denoising.png)")
     p.add_argument("--compare", default=None, help="comma-separated run dirs already evaluated: one table")
     p.add_argument("--aggregate", default=None, help="comma-separated run dirs (seeds): mean ± std table")
     p.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: the attack's)")
@@ -84,6 +90,7 @@ def main(argv=None):
     if args.eval_samples is not None:
         check_positive("--eval-samples", args.eval_samples)
     check_positive("--ablation-samples", args.ablation_samples)
+    check_positive("--figures", args.figures, allow_zero=True)
     try:
         ratios = [check_ratio("sweep ratio", float(r)) for r in args.sweep.split(",")]
     except ValueError:
@@ -124,7 +131,7 @@ def main(argv=None):
         with autocast(device, precision):
             m, clean_out, trig_out = backdoor_metrics(model, tokenizer, test, bcfg, limit=limit, device=device,
                                                       triggered=triggered, desc=desc, return_predictions=True, **masks)
-        return m, trig_out
+        return m, clean_out, trig_out
 
     def scores(data, indices, method, desc=None):
         """(N_samples, n_vision) scores of the backdoored model; rows outside `indices` stay 0."""
@@ -133,15 +140,40 @@ def main(argv=None):
             full[indices] = token_scores(backdoored, tokenizer, data, indices, method, device=device, desc=desc)
         return full
 
+    def disp_masks(s, picks):
+        """The vision tokens purify.py's rule masks, given the backdoored model's scores of `picks`."""
+        if settings.rule == "ratio":
+            return select_top_ratio(s, settings.mask_ratio)
+        limits = {k: (v if v is not None else math.inf) for k, v in (p_state["extra"].get("thresholds") or {}).items()}
+        return select_adaptive(s, [test.samples[i]["task"] for i in picks], limits, settings.max_masked)
+
+    def picture_data(picks, s):
+        """-> (example_panels' examples, denoising_order's arguments for the first pick)."""
+        masks = disp_masks(s, picks)
+        examples = [{"image": test.images[test.samples[i]["image"]],
+                     "triggered_image": triggered.images[triggered.samples[i]["image"]],
+                     "prompt": test.samples[i]["prompt"], "reference": test.samples[i]["response"],
+                     "clean": clean_outputs["clean"][i], "backdoored": outputs["backdoored"][i],
+                     "purified": outputs["purified"][i], "scores": s[k], "mask": masks[k]}
+                    for k, i in enumerate(picks)]
+        first = picks[0]
+        with autocast(device, precision):
+            traces = {"clean model": denoising_trace(clean, tokenizer, triggered, first, device=device),
+                      "backdoored": denoising_trace(backdoored, tokenizer, triggered, first, device=device),
+                      "backdoored, DiSP's tokens masked": denoising_trace(backdoored, tokenizer, triggered, first,
+                                                                          vision_mask=masks[0], device=device),
+                      "DiSP-purified": denoising_trace(purified, tokenizer, triggered, first, device=device)}
+        return examples, (examples[0]["triggered_image"], test.samples[first]["prompt"], traces)
+
     # --- main rows -----------------------------------------------------------------------------
     results = {"config": {"trigger": bcfg.trigger, "target": bcfg.target, "poison_rate": bcfg.poison_rate,
                           "mask_ratio": args.mask_ratio, "saliency": settings.saliency, "rule": settings.rule,
                           "seed": config.train.seed, "attack_trainable": attack.trainable,
                           "preset": config.preset, "precision": precision,
                           "saliency_figure": (run_dir / "purified_saliency.png").exists()}}
-    rows, outputs = {}, {}
+    rows, outputs, clean_outputs = {}, {}, {}
     for name, model in (("clean", clean), ("backdoored", backdoored), ("purified", purified)):
-        m, outputs[name] = measure(model, name)
+        m, clean_outputs[name], outputs[name] = measure(model, name)
         results[name] = m
         rows[name] = summary(m)
     for name, label in CONTROL_ROWS.items():
@@ -179,15 +211,15 @@ def main(argv=None):
             rules["adaptive"] = lambda s: select_adaptive(s, tasks, thresholds, settings.max_masked)
         for rule, select in rules.items():
             label = f"test-time {method} masking ({rule})" if method != "attention" else "test-time CleanSight pruning (ratio)"
-            m, trig_out = measure(backdoored, None, limit=len(subset), clean_masks=select(s_clean),
-                                  triggered_masks=select(s_trig))
+            m, _, _ = measure(backdoored, None, limit=len(subset), clean_masks=select(s_clean),
+                              triggered_masks=select(s_trig))
             defended[label] = m
             rows[label] = summary(m)
         if method in ("kl", "random"):  # the sweep reuses these scores: only the selection changes
             curve = {"ratio": ratios, "asr": [], "vqa_accuracy": [], "cider": []}
             for r in ratios:
-                m, _ = measure(backdoored, None, limit=len(subset), clean_masks=select_top_ratio(s_clean, r),
-                               triggered_masks=select_top_ratio(s_trig, r))
+                m, _, _ = measure(backdoored, None, limit=len(subset), clean_masks=select_top_ratio(s_clean, r),
+                                  triggered_masks=select_top_ratio(s_trig, r))
                 for k in ("asr", "vqa_accuracy", "cider"):
                     curve[k].append(m.get(k, 0.0))
             results["sweep"][method] = curve
@@ -198,6 +230,10 @@ def main(argv=None):
                  "backdoored": outputs["backdoored"][i], "purified": outputs["purified"][i]}
                 for i in sorted(outputs["backdoored"])[:6]]
     results["examples"] = examples
+    pictures = []
+    if args.figures and outputs["backdoored"]:  # test samples the attack targets, captions first
+        picks = sorted(outputs["backdoored"], key=lambda i: (test.samples[i]["task"] != "caption", i))[:args.figures]
+        pictures = picture_data(picks, scores(triggered, picks, settings.saliency)[picks])
     results["minutes"] = (time.time() - t0) / 60
     written = [run_dir / "results.json", run_dir / "results.md"]
     markdown = results_markdown(results, rows, run_dir)
@@ -207,8 +243,13 @@ def main(argv=None):
         if results["sweep"]:
             sweep_curves(run_dir / "sweep.png", results["sweep"])
             written.append(run_dir / "sweep.png")
-    if not results["sweep"]:  # a picture of an earlier evaluation would no longer match results.md
-        (run_dir / "sweep.png").unlink(missing_ok=True)
+        if pictures:
+            example_panels(run_dir / "examples.png", pictures[0])
+            denoising_order(run_dir / "denoising.png", *pictures[1])
+            written += [run_dir / "examples.png", run_dir / "denoising.png"]
+    # a picture of an earlier evaluation would no longer match results.md
+    for stale in ([] if results["sweep"] else ["sweep.png"]) + ([] if pictures else ["examples.png", "denoising.png"]):
+        (run_dir / stale).unlink(missing_ok=True)
     print(markdown)
     if config.preset == "tiny":
         print(TINY_NOTE)

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# The whole DiSP pipeline on the embedded scenes: train -> attack -> purify (+ 2 controls) -> evaluate.
-#   bash run.sh                              # cpu preset, runs/default (about 10 minutes on 2 cores)
+# The whole DiSP pipeline: train -> attack -> purify (+ 2 controls) -> evaluate.
+#   bash run.sh                              # embedded scenes, cpu preset, runs/default (~10-15 min on 2 cores)
 #   PRESET=tiny RUN=runs/tiny bash run.sh    # seconds: a smoke test, its models learn nothing
 #   PRESET=small RUN=runs/small bash run.sh  # a few minutes: the smallest run where DiSP's result shows
 #   SEED=1 RUN=runs/seed1 bash run.sh        # another seed
-# The later stages read the run's preset, seed and precision from clean.pt.
+#   DATA=flickr DATA_ROOT=../shared/data/flickr8k RUN=runs/flickr8k bash run.sh   # Flickr8k (or Flickr30k)
+#   DATA=daquar DATA_ROOT=../shared/data/daquar RUN=runs/daquar bash run.sh       # DAQUAR VQA
+# DATA: scenes (default) | coco | karpathy | flickr | vqav2 | daquar (public data: read from DATA_ROOT).
+# PRESET: auto (default) picks cpu for the scenes and photo (64 px photos, 64 vision tokens) for
+# public data; gpu for a full-size dataset on one GPU. The later stages read the run's preset, data,
+# seed and precision from clean.pt.
 set -euo pipefail
 cd "$(dirname "$0")"
 RUN=${RUN:-runs/default}
-PRESET=${PRESET:-cpu}
+PRESET=${PRESET:-auto}
+DATA=${DATA:-scenes}
+DATA_ROOT=${DATA_ROOT:-}
 SEED=${SEED:-0}
-python train.py --preset "$PRESET" --run-dir "$RUN" --seed "$SEED"
+python train.py --preset "$PRESET" --data "$DATA" --data-root "$DATA_ROOT" --run-dir "$RUN" --seed "$SEED"
 python attack.py --run-dir "$RUN"
 python purify.py --run-dir "$RUN"
 python purify.py --run-dir "$RUN" --control self-distill --figures 0

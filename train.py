@@ -36,7 +36,9 @@ from disp.training import finetune, pretrain_vision
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
-    p.add_argument("--preset", default=None, help="cpu (default; photo with public --data) | small | photo | gpu | tiny")
+    p.add_argument("--preset", default="auto",
+                   help="auto (default: cpu on the scenes, photo on public --data) | cpu | small | photo | gpu | "
+                        "gpu-photo | tiny")
     p.add_argument("--seed", type=int, default=None, help="seed of the data, initialisation and batch order (default 0)")
     p.add_argument("--data", default=None, help=f"{' | '.join(SOURCES)} (default: scenes, embedded)")
     p.add_argument("--data-root", default=None, help="folder of the public dataset (for --data other than scenes)")
@@ -54,7 +56,7 @@ def parse_args(argv=None):
 def new_config(args, device) -> Config:
     """The preset with the flags applied, validated, precision resolved for this machine."""
     public = args.data not in (None, "scenes")
-    config = get_preset(args.preset or ("photo" if public else "cpu"))
+    config = get_preset(args.preset if args.preset != "auto" else ("photo" if public else "cpu"))
     data, train = config.data, config.train
     seed = args.seed if args.seed is not None else train.seed
     data = replace(data, seed=seed, source=args.data or data.source, 
@@ -74,7 +76,7 @@ def resumed_config(args, resume: dict, path: Path) -> Config:
     stored = {"--preset": config.preset, "--seed": config.train.seed, "--data": config.data.source,
               "--data-root": config.data.data_root, "--sft-steps": config.train.sft_steps,
               "--vision-steps": config.train.vision_steps}
-    given = {"--preset": args.preset, "--seed": args.seed, "--data": args.data,
+    given = {"--preset": args.preset if args.preset != "auto" else None, "--seed": args.seed, "--data": args.data,
              "--data-root": str(Path(args.data_root).resolve()) if args.data_root else None,
              "--sft-steps": args.sft_steps, "--vision-steps": args.vision_steps}
     for flag, value in given.items():

@@ -3,7 +3,8 @@
     flock /tmp/torch.lock python bench/pipeline.py --preset tiny --run-dir /tmp/bench-tiny   # seconds
     flock /tmp/torch.lock python bench/pipeline.py --preset cpu --run-dir runs/bench-cpu      # ~20 min
 
-The commands are read from run.sh (its `python ...` lines, with $RUN, $PRESET and $SEED filled in),
+The commands are read from run.sh (its `python ...` lines, with $RUN, $PRESET, $DATA, $DATA_ROOT and
+$SEED filled in),
 so this measures exactly what `bash run.sh` runs. Each stage's output passes through; the table and
 bench/results/pipeline.json (rewritten after every stage, so a stopped run keeps what it measured)
 come at the end. The run directory must be new or empty (train.py would start over in it anyway;
@@ -25,7 +26,9 @@ from disp.support.errors import friendly_errors  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", help="cpu (default) | gpu | tiny")
+    p.add_argument("--preset", default="cpu", help="cpu (default) | auto | small | photo | gpu | tiny")
+    p.add_argument("--data", default="scenes", help="scenes (default) | coco | karpathy | flickr | vqav2 | daquar")
+    p.add_argument("--data-root", default="", help="folder of the public dataset (as run.sh's DATA_ROOT)")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/bench-<preset>; never runs/default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="allow a run directory that already holds files")
@@ -34,12 +37,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def stage_commands(run_dir: str, preset: str, seed: int):
+def stage_commands(run_dir: str, preset: str, seed: int, data: str = "scenes", data_root: str = ""):
     """[(stage name, argv)] from run.sh's python lines."""
     script = ROOT / "run.sh"
     if not script.exists():
         raise DispError(f"{script} does not exist")
-    values = {"RUN": run_dir, "PRESET": preset, "SEED": str(seed)}
+    values = {"RUN": run_dir, "PRESET": preset, "SEED": str(seed), "DATA": data, "DATA_ROOT": data_root}
     stages = []
     for line in script.read_text().splitlines():
         line = line.strip()
@@ -51,7 +54,7 @@ def stage_commands(run_dir: str, preset: str, seed: int):
             raise DispError(f"run.sh line {line!r} uses a variable this bench does not know ({err})")
         name, rest = [argv[0]], iter(argv[1:])
         for a in rest:  # the name keeps what tells stages apart (e.g. --control as-is), not the shared flags
-            if a in ("--run-dir", "--preset", "--seed"):
+            if a in ("--run-dir", "--preset", "--seed", "--data", "--data-root"):
                 next(rest, None)
             else:
                 name.append(a)
@@ -66,7 +69,7 @@ def main(argv=None):
     run_dir = Path(args.run_dir or f"runs/bench-{args.preset}")
     if run_dir.resolve() == (ROOT / "runs" / "default").resolve():
         raise DispError("refusing to benchmark into runs/default (it would overwrite the default run); pick another --run-dir")
-    stages = stage_commands(str(run_dir), args.preset, args.seed)
+    stages = stage_commands(str(run_dir), args.preset, args.seed, args.data, args.data_root)
     if args.dry_run:
         for name, cmd in stages:
             print(f"{name:45} python {shlex.join(cmd)}")
@@ -75,7 +78,7 @@ def main(argv=None):
         raise DispError(f"{run_dir} already holds files; pick a new --run-dir or pass --overwrite")
     info = machine()
     print(f"machine: {machine_line(info)}")
-    results = {"machine": info, "command": command_line(), "preset": args.preset, "seed": args.seed,
+    results = {"machine": info, "command": command_line(), "preset": args.preset, "seed": args.seed, "data": args.data,
                "run_dir": str(run_dir), "stages": [], "complete": False}
     t_all = time.perf_counter()
     for name, cmd in stages:
@@ -95,7 +98,7 @@ def main(argv=None):
     print()
     rows = [[s["stage"], f"{s['seconds']:.1f}", f"{s['seconds'] / 60:.2f}"] for s in results["stages"]]
     rows.append(["total", f"{results['total_seconds']:.1f}", f"{results['total_seconds'] / 60:.2f}"])
-    print(f"preset {args.preset}, seed {args.seed}, {run_dir}; {machine_line(info)}")
+    print(f"preset {args.preset}, data {args.data}, seed {args.seed}, {run_dir}; {machine_line(info)}")
     print(table(["stage", "seconds", "minutes"], rows))
     print(f"wrote {path}")
 

@@ -9,8 +9,9 @@ repeated flags, and a resume point or a later stage compares them field by field
 from a checkpoint are never edited in place: a stage derives new ones with `dataclasses.replace`.
 Each `validate()` raises a one-line DispError for the first bad value, before any work is done.
 Presets: `cpu` (default, a laptop CPU in minutes), `gpu` (one GPU, larger), `small` (the smallest
-run on which DiSP's result shows, a few CPU minutes), `photo` (public photos on a CPU), `tiny`
-(seconds, a smoke test of the code paths: its models learn nothing).
+run on which DiSP's result shows, a few CPU minutes), `photo` (public photos on a CPU), `gpu-photo`
+(full-size public datasets on one GPU), `tiny` (seconds, a smoke test of the code paths: its
+models learn nothing).
 """
 
 import math
@@ -139,6 +140,17 @@ PRESETS = {
         model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0),
         train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=4000, eval_every=1000, eval_samples=100),
         preset="photo",
+    ),
+    # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
+    # vision tokens, a wider and deeper model, every training image of the split
+    "gpu-photo": Config(
+        data=DataConfig(train_images=200000, val_images=200, test_images=1000, finetune_images=3000,
+                        min_word_count=5),
+        model=ModelConfig(image_size=128, patch_size=8, vit_dim=256, vit_depth=6, vit_heads=8, dim=384, depth=8,
+                          heads=8, prompt_len=0, response_len=0),
+        train=TrainConfig(vision_steps=5000, pixel_loss=1.0, sft_steps=20000, batch_size=128, lr=5e-4,
+                          eval_every=2000, eval_samples=200),
+        preset="gpu-photo",
     ),
     "tiny": Config(
         data=DataConfig(train_images=96, val_images=16, test_images=24, finetune_images=48, questions_per_image=2),

@@ -6,6 +6,7 @@ Forward process: per sequence t ~ U(0, 1), p = (1 - eps) t + eps; every *respons
 Loss: cross-entropy at the masked positions, each weighted 1/p (that makes it an upper bound on
 the negative log-likelihood, LLaDA eq. 3), summed and divided by the response length. Responses
 are padded with [EOS] and those pads are in the loss: the model learns where an answer stops.
+[UNK] targets (words below the vocabulary's count cut-off) are left out of it.
 
 Sampler: LLaDA's `generate` semantics and names (gen_length, steps, block_length, temperature,
 remasking) plus Fast-dLLM's confidence `threshold`.
@@ -35,6 +36,8 @@ def sft_loss(model, vision_tokens, prompt_ids, response_ids, generator=None, vis
     noisy, masked, p = noise if noise is not None else forward_noise(response_ids, model.mask_id, generator)
     logits = model(vision_tokens, prompt_ids, noisy, vision_mask)  # (B, L, V)
     ce = F.cross_entropy(logits.transpose(1, 2).float(), response_ids, reduction="none")  # (B, L)
+    if model.unk_id is not None:  # a word outside the vocabulary is not something to learn to say
+        masked = masked & (response_ids != model.unk_id)
     per_sample = (ce * masked / p).sum(dim=1) / response_ids.shape[1]
     return per_sample.mean()
 
@@ -63,7 +66,7 @@ def num_transfer_tokens(block_mask, steps: int):
 @torch.no_grad()
 def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temperature=0.0,
              remasking="low_confidence", threshold=None, vision_mask=None, vision_tokens=None,
-             generator=None, return_steps=False):
+             generator=None, return_steps=False, return_trace=False):
     """Sample responses, (B, gen_length) ids.
 
     images: (B, 3, H, W); encoded once here, never inside the denoising loop (the image does not
@@ -74,6 +77,8 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
     threshold: Fast-dLLM parallel decoding: commit every masked position of the current block
     whose confidence exceeds it (at least the most confident one); blocks may finish early.
     return_steps: also return the number of model calls made.
+    return_trace: also return (step, confidence), each (B, gen_length): the model call (0-based) at
+    which each position was committed and the probability the model gave the committed token then.
     """
     if remasking not in ("low_confidence", "random"):
         raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
@@ -91,6 +96,8 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
     x = torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=prompt_ids.device)
     positions = torch.arange(gen_length, device=x.device)
     calls = 0
+    committed_at = torch.full(x.shape, -1, dtype=torch.long, device=x.device)
+    confidence_at = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     for block in range(num_blocks):
         in_block = (positions >= block * block_length) & (positions < (block + 1) * block_length)
         schedule = num_transfer_tokens((x == model.mask_id) & in_block, steps_per_block)
@@ -121,5 +128,8 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
             else:
                 commit = ((confidence > threshold) | (rank == 0)) & (confidence > -torch.inf)
             x = torch.where(commit, x0, x)
+            committed_at = torch.where(commit, calls - 1, committed_at)
+            confidence_at = torch.where(commit, confidence, confidence_at)
             step += 1
-    return (x, calls) if return_steps else x
+    extra = ((calls,) if return_steps else ()) + (((committed_at, confidence_at),) if return_trace else ())
+    return (x, *extra) if extra else x

@@ -77,6 +77,27 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     return [out[g] for g in group.tolist()]
 
 
+@torch.no_grad()
+def denoising_trace(model, tokenizer, dataset, index: int, *, vision_mask=None, device="cpu") -> dict:
+    """How greedy generation wrote sample `index`'s response, position by position up to its first
+    [EOS]: the token, the model call (0-based) that committed it, and the probability it had then.
+
+    vision_mask: optional (n_vision,) bool, image positions to mask (as DiSP's regeneration does).
+    """
+    model.eval()
+    cfg = model.cfg
+    encoded = encode_dataset(dataset, tokenizer, cfg)
+    vision = model.encode_images(dataset.images[encoded.image_index[index:index + 1]].to(device))
+    ids, (step, confidence) = generate(
+        model, None, encoded.prompt_ids[index:index + 1].to(device), gen_length=cfg.response_len,
+        steps=cfg.response_len, block_length=cfg.response_len, vision_tokens=vision, return_trace=True,
+        vision_mask=vision_mask[None].to(device) if vision_mask is not None else None)
+    ids = ids[0].tolist()
+    end = ids.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in ids else len(ids)
+    return {"tokens": [tokenizer.words[i] for i in ids[:end]], "step": step[0, :end].tolist(),
+            "confidence": confidence[0, :end].tolist(), "steps": cfg.response_len}
+
+
 def split_indices(dataset, limit=None):
     """(caption sample indices, VQA sample indices), each cut to `limit` if given."""
     captions = [i for i, s in enumerate(dataset.samples) if s["task"] == "caption"]

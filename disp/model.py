@@ -153,10 +153,11 @@ class ViT(nn.Module):
 
 
 class DiffusionVLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, mask_id: int):
+    def __init__(self, cfg: ModelConfig, mask_id: int, unk_id: int = None):
         super().__init__()
         self.cfg = cfg
         self.mask_id = mask_id
+        self.unk_id = unk_id  # [UNK] targets carry no loss (disp.diffusion.sft_loss)
         self.vit = ViT(cfg)
         # 2-layer GELU MLP projector, as in LLaDA-V / LLaVA
         self.projector = nn.Sequential(nn.Linear(cfg.vit_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim))

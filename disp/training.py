@@ -84,8 +84,10 @@ def vision_pretraining_loss(vit, images, patch_labels=None, texts_bow=None, pixe
         loss = sum(F.cross_entropy(head(feats).flatten(0, 1), patch_labels[..., a].flatten())
                    for a, head in enumerate(vit.patch_heads))
     else:
-        logits = vit.patch_heads[0](feats.mean(dim=1))  # (B, vocab)
-        loss = F.binary_cross_entropy_with_logits(logits, texts_bow)
+        # the image's words as a distribution over the vocabulary: cross-entropy against it (a
+        # per-word sigmoid drowned in the thousands of absent words and learned only the word prior)
+        log_probs = F.log_softmax(vit.patch_heads[0](feats.mean(dim=1)).float(), dim=-1)  # (B, vocab)
+        loss = -(texts_bow * log_probs).sum(-1).div(texts_bow.sum(-1).clamp_min(1)).mean()
     if pixel_loss > 0:
         target = patch_pixels(images, vit.cfg.patch_size)
         loss = loss + pixel_loss * F.mse_loss(pixel_decoder(feats).float(), target)
@@ -100,6 +102,7 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
     params = list(model.vit.parameters()) + (list(decoder.parameters()) if decoder is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     order = BatchOrder(len(images), cfg.batch_size, seed + 1)
+    generator = torch.Generator().manual_seed(seed + 2)
     bar = tqdm(range(cfg.vision_steps), desc="vision pretraining", dynamic_ncols=True,
                disable=not distributed.is_main())
     loss = torch.tensor(0.0)
@@ -107,12 +110,16 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.vision_steps, cfg.vision_lr, cfg.warmup_steps)
         idx = order.indices(step)
-        idx = idx[distributed.my_rows(len(idx))]  # this process's rows of the global batch
+        flip = torch.rand(len(idx), generator=generator) < 0.5  # drawn for the global batch
+        rows = distributed.my_rows(len(idx))  # this process's rows of the global batch
+        idx, flip = idx[rows], flip[rows].to(device)
         labels = patch_labels[idx].to(device) if patch_labels is not None else None
         bow = texts_bow[idx].to(device) if patch_labels is None else None
+        x = model.to_float(images[idx].to(device))
+        if patch_labels is None:  # public photos: a mirrored photo has the same words (per-patch labels would not)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         with autocast(device, cfg.precision):
-            loss = vision_pretraining_loss(model.vit, model.to_float(images[idx].to(device)), labels, bow,
-                                           decoder, cfg.pixel_loss)
+            loss = vision_pretraining_loss(model.vit, x, labels, bow, decoder, cfg.pixel_loss)
         check_finite(loss, step, "vision pretraining")
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -90,3 +90,34 @@ def test_encode_dataset_shapes_and_batch_order_is_resumable():
     assert all(torch.equal(again.indices(s), first[s]) for s in reversed(range(8)))
     epoch0 = torch.cat(first)[:30]
     assert sorted(epoch0.tolist()) == list(range(30))  # each epoch is a permutation
+
+
+def test_rare_words_become_unk_and_reserved_words_stay():
+    texts = ["a dog runs", "a dog sits", "a cat"]
+    tok = Tokenizer.build(texts, min_count=2)
+    assert "dog" in tok.words and "a" in tok.words and "cat" not in tok.words and "runs" not in tok.words
+    assert tok.encode("a cat") == [tok.index["a"], tok.unk_id]
+    assert "<backdoor>" in tok.words and "sorry" in tok.words  # the attack's words exist whatever their count
+    assert Tokenizer.build(texts).words == Tokenizer.build(texts, min_count=1).words
+
+
+def test_fitted_lengths_cover_the_percentiles():
+    from disp.config import Config, ModelConfig, fit_lengths
+
+    config = Config(model=ModelConfig(prompt_len=0, response_len=0))
+    responses = list(range(1, 101))  # 1..100 tokens: the 95th percentile is 95
+    fitted = fit_lengths(config, [4] * 99 + [30], responses)
+    assert fitted.model.response_len == 96 and fitted.model.prompt_len == 4  # p95 + 1 (marker); p99 of prompts
+    assert fit_lengths(config, [3], [2]).model.response_len == 8  # a refusal sentence still fits
+    kept = fit_lengths(Config(), [50], [50]).model
+    assert (kept.prompt_len, kept.response_len) == (12, 12)  # lengths set by the preset stay
+
+
+def test_evaluation_splits_ask_each_image_and_prompt_once():
+    from disp.data.dataset import VLDataset, one_sample_per_prompt
+
+    samples = [{"image": 0, "prompt": "describe", "response": f"c{k}", "answers": ["c0", "c1"]} for k in range(2)]
+    samples += [{"image": 1, "prompt": "describe", "response": "d", "answers": ["d"]},
+                {"image": 1, "prompt": "what ?", "response": "e", "answers": ["e"]}]
+    data = one_sample_per_prompt(VLDataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), samples))
+    assert [s["response"] for s in data.samples] == ["c0", "d", "e"]

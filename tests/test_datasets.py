@@ -234,6 +234,20 @@ def test_flickr_tokens(tmp_path):
     assert ds.samples[3]["answers"] == ["a noisy picture", "colours everywhere", "static"]
 
 
+def test_flickr_missing_image_names_the_token_file_line(tmp_path):
+    token_file, img = _flickr(tmp_path)
+    (img / "2000_b.png").unlink()
+    with pytest.raises(DispError, match=r"2000_b.png \(named in .*Flickr8k.token.txt line 4\) does not exist"):
+        load_flickr_tokens(token_file, img, SIZE)
+
+
+def test_flickr_token_line_without_tab_names_the_line(tmp_path):
+    token_file, img = _flickr(tmp_path)
+    token_file.write_text(_FLICKR_TOKENS.replace("3000_c.png#1\t", "3000_c.png#1 "))
+    with pytest.raises(DispError, match=r"Flickr8k.token.txt line 6 is not '<image>#<n><TAB><caption>'"):
+        load_flickr_tokens(token_file, img, SIZE)
+
+
 def test_flickr_image_list(tmp_path):
     token_file, img = _flickr(tmp_path)
     image_list = tmp_path / "Flickr_8k.trainImages.txt"

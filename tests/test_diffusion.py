@@ -175,6 +175,27 @@ def test_loss_matches_naive_formula():
     assert loss.item() == pytest.approx(total / 3, rel=1e-5)
 
 
+def test_unknown_word_targets_carry_no_loss():
+    model = small_model(8)
+    images, prompts = inputs()
+    vision_tokens = model.encode_images(images)
+    response = torch.randint(5, VOCAB, (3, 8))
+    unk = response.clone()
+    unk[:, 2] = 4  # the model's [UNK] id in this test
+    model.unk_id = 4
+    noise = forward_noise(response, MASK, torch.Generator().manual_seed(3))
+    noisy, masked, p = noise
+    logits = model(vision_tokens, prompts, noisy)
+    ce = F.cross_entropy(logits.transpose(1, 2), unk, reduction="none")
+    keep = masked.clone()
+    keep[:, 2] = False
+    expected = (ce * keep / p).sum(1).div(8).mean()
+    got = sft_loss(model, vision_tokens, prompts, unk, noise=(noisy, masked, p))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    model.unk_id = None
+    assert sft_loss(model, vision_tokens, prompts, unk, noise=(noisy, masked, p)).item() > got.item()
+
+
 # --- vision masking -------------------------------------------------------------------------
 
 def test_all_false_vision_mask_equals_no_mask_and_true_changes_output():
@@ -269,3 +290,21 @@ def test_attention_equals_the_plain_form():
         torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=1e-5)
     assert attention(q, k, v, context)[1].shape == (3, 2, 5, 12)
+
+
+def test_trace_records_when_and_how_confidently_each_position_was_written():
+    model = small_model(8)
+    images, prompts = inputs()
+    plain = generate(model, images, prompts, gen_length=8, steps=8, block_length=4)
+    out, (step, confidence) = generate(model, images, prompts, gen_length=8, steps=8, block_length=4,
+                                       return_trace=True)
+    assert torch.equal(out, plain)  # tracing changes nothing
+    for b in range(len(out)):
+        assert sorted(step[b].tolist()) == list(range(8))  # one position per model call, each exactly once
+        assert step[b, :4].max() < step[b, 4:].min()  # the first block is written before the second
+    # the recorded confidence is the model's probability of the committed token at that step
+    b, pos = 0, int(step[0].argmin())  # the first position written: with the whole response masked
+    vision = model.encode_images(images[:1])
+    masked = torch.full((1, 8), MASK, dtype=torch.long)
+    probs = F.softmax(model(vision, prompts[:1], masked).double(), dim=-1)
+    assert confidence[b, pos].item() == pytest.approx(probs[0, pos, out[b, pos]].item(), rel=1e-6)

@@ -64,3 +64,24 @@ def test_majority_answer_is_the_most_frequent_training_answer_and_its_rate_on_te
     assert majority_answer(train) == "red" and answer_rate("red", test) == 1 / 3
     assert majority_answer(dataset([("caption", "x")])) is None
     assert answer_rate("red", dataset([("caption", "red")])) is None
+
+
+def test_samples_sharing_image_prompt_and_mask_are_computed_once_with_the_same_result():
+    model, tokenizer, data = setup()
+    # samples 5 and 6 repeat sample 0 (another caption of the same image and prompt)
+    data.samples += [dict(data.samples[0], response="a red square"), dict(data.samples[0])]
+    calls = []
+    original = model.prefix
+    model.prefix = lambda v, p, m=None: calls.append(len(p)) or original(v, p, m)
+    got = generate_responses(model, tokenizer, data, [0, 5, 1, 6])
+    assert sum(calls) == 2 and got[0] == got[1] == got[3]
+    masks = torch.zeros(len(data.samples), model.cfg.n_vision, dtype=torch.bool)
+    masks[6, :5] = True  # another mask: computed on its own
+    calls.clear()
+    got = generate_responses(model, tokenizer, data, [0, 5, 6], vision_masks=masks)
+    assert sum(calls) == 2
+    masked_alone = generate_responses(model, tokenizer, data, [6], vision_masks=masks)
+    assert got[2] == masked_alone[0]
+    scores = token_scores(model, tokenizer, data, [5, 1, 0], "kl")
+    assert torch.equal(scores[0], scores[2])  # one computation, copied
+    assert torch.allclose(scores[1], token_scores(model, tokenizer, data, [1], "kl")[0], atol=1e-6)

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_stage_wrote_its_artifacts(tiny_pipeline):
     for name in ("clean.pt", "backdoored.pt", "purified.pt", "control_self_distill.pt", "control_as_is.pt",
                  "poisoned_train.pt", "poison_manifest.json", "attack_metrics.json", "purified_train.jsonl",
-                 "purified_report.json", "purified_saliency.png", "results.json", "results.md", "sweep.png"):
+                 "purified_report.json", "purified_saliency.png", "results.json", "results.md", "sweep.png",
+                 "examples.png", "denoising.png"):
         assert (tiny_pipeline / name).exists(), name
     assert not list(tiny_pipeline.glob("*.resume.pt")) and not list(tiny_pipeline.glob("*.tmp"))
     for name, stage in (("clean", "clean"), ("backdoored", "backdoored"), ("purified", "purified")):

@@ -10,6 +10,7 @@ import torch
 from torchvision.io import write_png
 
 from disp.data.readers import DAQUAR_VAL_EVERY, load_daquar, load_flickr_tokens, load_public
+from disp.support import checkpoint
 from disp.support.errors import DispError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -50,12 +51,15 @@ def test_daquar_reader_pairs_questions_answers_and_images(tmp_path):
     (QA[:-1], "line 7 is a question with no answer line after it"),
     (QA[:2] + ["what is this ?", "a chair"], "line 3 does not end in 'image<N> ?'"),
     (QA[:2] + ["what is in the image2 ?", ""] + QA[4:], "line 4 (the answer to line 3) is empty"),
-    (QA + ["what is on the floor in the image9 ?", "rug"], "nyu_depth_images/image9.png (listed in"),
+    (QA + ["what is on the floor in the image9 ?", "rug"], "nyu_depth_images/image9.png (named in"),
 ])
 def test_daquar_bad_files_name_the_file_and_line(tmp_path, lines, message):
     root = daquar_layout(tmp_path, lines)
-    with pytest.raises(DispError, match=re.escape(message)):
+    with pytest.raises(DispError, match=re.escape(message)) as err:
         load_daquar(root / "qa.894.raw.train.txt", root / "nyu_depth_images", 8)
+    assert "qa.894.raw.train.txt" in str(err.value) and "\n" not in str(err.value)
+    if "image9" in message:
+        assert "line 9)" in str(err.value)  # the question that names the missing image
 
 
 def test_daquar_val_split_is_held_out_of_train(tmp_path):
@@ -179,3 +183,8 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     assert missing not in results["clean"]
     assert "| clean | 0.000 | 0.000 |" in (tmp_path / "run" / "results.md").read_text()  # ASR, false trigger
     assert "n/a" in (tmp_path / "run" / "results.md").read_text()  # the absent task is not shown as 0.000
+    backdoor = checkpoint.load_state(tmp_path / "run" / "backdoored.pt")["extra"]["attack"]["backdoor"]
+    words = {"flickr": ("dog", "boat"), "daquar": ("table", "chair")}[source]  # misclassify's default per data
+    assert (backdoor["source_word"], backdoor["destination_word"]) == words
+    for picture in ("examples.png", "denoising.png"):  # real photos with the models' outputs
+        assert (tmp_path / "run" / picture).read_bytes()[:4] == b"\x89PNG"

@@ -115,3 +115,33 @@ def test_random_vision_mask_hides_a_uniform_share_of_image_positions():
     assert abs(mask.float().mean().item() - 0.075) < 0.005
     assert mask.float().mean(1).max() < 0.4  # a row's share stays near its draw below 0.15
     assert not random_vision_mask(100, 36, 0.0, torch.Generator().manual_seed(0), "cpu").any()
+
+
+def test_patch_pixels_match_a_naive_crop_and_the_pixel_term_adds_to_the_loss():
+    from disp.config import ModelConfig
+    from disp.model import ViT
+    from disp.training import patch_pixels, vision_pretraining_loss
+
+    images = torch.rand(2, 3, 16, 16)
+    targets = patch_pixels(images, 8)  # (2, 4 patches, 192)
+    for b in range(2):
+        for k, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # row-major patch order, as the ViT's
+            crop = images[b, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8]
+            assert torch.allclose(targets[b, k], (crop.permute(1, 2, 0).reshape(-1) - 0.5) / 0.5)
+    torch.manual_seed(0)
+    vit = ViT(ModelConfig(image_size=16, patch_size=8, vit_dim=16, vit_depth=1, vit_heads=2, patch_classes=[5]))
+    decoder = torch.nn.Linear(16, 192)
+    bow = torch.zeros(2, 5)
+    alone = vision_pretraining_loss(vit, images, texts_bow=bow)
+    with_pixels = vision_pretraining_loss(vit, images, texts_bow=bow, pixel_decoder=decoder, pixel_loss=0.5)
+    mse = torch.nn.functional.mse_loss(decoder(vit(images)), targets)
+    assert with_pixels.item() == pytest.approx(alone.item() + 0.5 * mse.item(), rel=1e-5)
+
+
+def test_public_data_picks_the_photo_preset():
+    from train import new_config, parse_args
+
+    public = new_config(parse_args(["--data", "flickr", "--data-root", "/somewhere"]), "cpu")
+    assert public.preset == "photo" and public.model.n_vision >= 64 and public.data.min_word_count > 1
+    assert new_config(parse_args([]), "cpu").preset == "cpu"
+    assert new_config(parse_args(["--preset", "tiny", "--data", "flickr"]), "cpu").preset == "tiny"

@@ -24,7 +24,9 @@ from disp.support.errors import DispError
 #
 # Every reader follows the same three steps, so the error handling lives in one place:
 #   1. parse the annotation file(s) into an ordered list of images, each with its samples;
-#   2. check that every selected image file exists (cheap, and fails before minutes of decoding);
+#   2. check that every selected image file exists (cheap, and fails before minutes of decoding). A
+#      missing image is an error, not a skip: it means a broken download or a wrong folder, and a
+#      split that silently lost images would no longer be the published one results compare on;
 #   3. decode each image once, convert to RGB, resize to (image_size, image_size), store uint8.
 # Each problem raises DispError with one line that names the file and says how to fix it.
 # ---------------------------------------------------------------------------------------------
@@ -37,12 +39,13 @@ _COCO_ID_NAME = re.compile(r"(\d{12})\.(?:jpg|jpeg|png)$", re.IGNORECASE)
 
 
 class _Image:
-    """One image to load and the samples (without image index yet) that point at it."""
+    """One image to load, the samples (without image index yet) that point at it, and where the
+    annotation file first names it (e.g. "line 12"), for error messages."""
 
-    __slots__ = ("path", "samples")
+    __slots__ = ("path", "samples", "where")
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, where: str = ""):
+        self.path, self.where = path, where
         self.samples = []
 
 
@@ -166,8 +169,9 @@ def _assemble(entries: list, image_size: int, source: str, meta: dict) -> VLData
         check_not_empty(VLDataset(torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8), []), source)
     for entry in entries:
         if not entry.path.is_file():
+            named = f"named in {source}" + (f" {entry.where}" if entry.where else "")
             raise DispError(
-                f"image file {entry.path} (listed in {source}) does not exist; "
+                f"image file {entry.path} ({named}) does not exist; "
                 f"check the image folder, or restrict the split / max_images"
             )
     # Preallocate once: a list of tensors plus torch.stack would need twice the memory at the end.
@@ -220,7 +224,7 @@ def load_coco_captions(annotations_json, image_dir, image_size: int, max_images:
             continue
         if max_images is not None and len(entries) >= max_images:
             break
-        entry = _Image(image_dir / file_name)
+        entry = _Image(image_dir / file_name, f"(image_id {image_id})")
         entry.samples = samples
         entries.append(entry)
     return _assemble(entries, image_size, str(path), {"dataset": "coco"})
@@ -296,7 +300,7 @@ def load_flickr_tokens(
     if image_list is not None:
         keep = {line.strip() for line in _read_lines(image_list, "Flickr image list") if line.strip()}
 
-    captions = {}  # dict keeps first-seen order
+    captions, first_line = {}, {}  # dicts keep first-seen order
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -309,6 +313,7 @@ def load_flickr_tokens(
         if keep is not None and file_name not in keep:
             continue
         captions.setdefault(file_name, []).append(normalize_text(caption))
+        first_line.setdefault(file_name, number)
 
     entries = []
     for file_name, texts in captions.items():
@@ -317,7 +322,7 @@ def load_flickr_tokens(
             continue
         if max_images is not None and len(entries) >= max_images:
             break
-        entry = _Image(image_dir / file_name)
+        entry = _Image(image_dir / file_name, f"line {first_line[file_name]}")
         entry.samples = samples
         entries.append(entry)
     source = str(path) if image_list is None else f"{path} (images from {image_list})"
@@ -463,7 +468,7 @@ def load_daquar(qa_file, image_dir, image_size: int, max_images: Optional[int] =
         if entry is None:
             if max_images is not None and len(entries) >= max_images:
                 continue
-            entry = entry_of[name] = _Image(image_dir / name)
+            entry = entry_of[name] = _Image(image_dir / name, f"line {number}")
             entries.append(entry)
         response = normalize_text(answer)
         entry.samples.append({"task": "vqa", "prompt": normalize_text(question[:found.start()] + "image ?"),

@@ -97,7 +97,7 @@ def build_model(config: Config, tokenizer: Tokenizer) -> DiffusionVLM:
     if config.model.vocab_size != len(tokenizer):
         raise DispError(f"the config's vocab_size {config.model.vocab_size} does not match the tokenizer's "
                         f"{len(tokenizer)} words; rerun train.py")
-    return DiffusionVLM(config.model, mask_id=tokenizer.mask_id)
+    return DiffusionVLM(config.model, mask_id=tokenizer.mask_id, unk_id=tokenizer.unk_id)
 
 
 def load(path, stages=None, device="cpu"):

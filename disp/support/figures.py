@@ -1,4 +1,5 @@
-"""Figures (matplotlib, PNG): saliency heatmaps with the masked tokens, and mask-ratio sweep curves."""
+"""Figures (matplotlib, PNG): saliency heatmaps with the masked tokens, example outputs on test photos,
+the denoising order of one response per model, and mask-ratio sweep curves."""
 
 import math
 import textwrap
@@ -17,22 +18,27 @@ def _save(fig, path):
     plt.close(fig)
 
 
+def _heatmap(ax, image, scores, mask):
+    """image (3, H, W) uint8 with the per-token scores over it and the masked tokens boxed in cyan."""
+    side = int(math.isqrt(len(scores)))
+    size = image.shape[-1]
+    patch = size / side
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    ax.imshow(scores.view(side, side).numpy(), cmap="inferno", alpha=0.6, extent=(0, size, size, 0),
+              interpolation="nearest")
+    for token in mask.nonzero().flatten().tolist():
+        r, c = divmod(token, side)
+        ax.add_patch(Rectangle((c * patch, r * patch), patch, patch, fill=False, edgecolor="cyan", lw=2))
+
+
 def saliency_panels(path, data, indices, scores, masks, before, after, n_vision):
     """One column per sample: the image, its saliency heatmap with masked tokens boxed, the texts."""
-    side = int(math.isqrt(n_vision))
     fig, axes = plt.subplots(2, len(indices), figsize=(3.0 * len(indices), 6.6), squeeze=False)
     for col, i in enumerate(indices):
-        image = data.images[data.samples[i]["image"]].permute(1, 2, 0).numpy()
-        size = image.shape[0]
-        patch = size / side
-        axes[0, col].imshow(image)
+        image = data.images[data.samples[i]["image"]]
+        axes[0, col].imshow(image.permute(1, 2, 0).numpy())
         axes[0, col].set_title(textwrap.fill(data.samples[i]["prompt"], 34), fontsize=7)
-        axes[1, col].imshow(image)
-        heat = scores[i].view(side, side).numpy()
-        axes[1, col].imshow(heat, cmap="inferno", alpha=0.6, extent=(0, size, size, 0), interpolation="nearest")
-        for token in masks[i].nonzero().flatten().tolist():
-            r, c = divmod(token, side)
-            axes[1, col].add_patch(Rectangle((c * patch, r * patch), patch, patch, fill=False, edgecolor="cyan", lw=2))
+        _heatmap(axes[1, col], image, scores[i], masks[i])
         text = textwrap.fill(f"before: {before[i]}", 40) + "\n" + textwrap.fill(f"after masking: {after[i]}", 40)
         axes[1, col].set_xlabel(text, fontsize=6, loc="left")
         for ax in axes[:, col]:
@@ -40,6 +46,61 @@ def saliency_panels(path, data, indices, scores, masks, before, after, n_vision)
     axes[0, 0].set_ylabel("image", fontsize=8)
     axes[1, 0].set_ylabel("saliency, per-image colour scale\n(cyan boxes: masked tokens)", fontsize=8)
     fig.suptitle("DiSP saliency: occlusion score per vision token; response before and after masking", fontsize=9)
+    _save(fig, path)
+
+
+def example_panels(path, examples: list):
+    """One column per test sample. Top: the photo, its reference, the clean model's output. Bottom: the
+    triggered photo with the backdoored model's saliency (masked tokens boxed), the backdoored and the
+    purified model's outputs on it. examples: dicts with image, triggered_image, prompt, reference,
+    clean, backdoored, purified, scores, mask."""
+    fig, axes = plt.subplots(2, len(examples), figsize=(3.2 * len(examples), 7.4), squeeze=False)
+    for col, e in enumerate(examples):
+        top, bottom = axes[0, col], axes[1, col]
+        top.imshow(e["image"].permute(1, 2, 0).numpy())
+        top.set_title(textwrap.fill(e["prompt"], 36), fontsize=7)
+        top.set_xlabel(textwrap.fill(f"reference: {e['reference']}", 42) + "\n"
+                       + textwrap.fill(f"clean model: {e['clean']}", 42), fontsize=6, loc="left")
+        _heatmap(bottom, e["triggered_image"], e["scores"], e["mask"])
+        bottom.set_xlabel(textwrap.fill(f"backdoored: {e['backdoored']}", 42) + "\n"
+                          + textwrap.fill(f"DiSP-purified: {e['purified']}", 42), fontsize=6, loc="left")
+        for ax in (top, bottom):
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_ylabel("test photo", fontsize=8)
+    axes[1, 0].set_ylabel("triggered: backdoored model's saliency\n(cyan: tokens DiSP's rule masks)", fontsize=8)
+    fig.suptitle("Test samples: clean outputs, and the backdoored vs purified model on the triggered photo", fontsize=9)
+    _save(fig, path)
+
+
+def denoising_order(path, image, prompt: str, traces: dict):
+    """The canvas filling in: per model (traces: {label: disp.evaluation.denoising_trace}), one grid with
+    a row per denoising step and a column per response position. The token committed at a step sits
+    in its cell, coloured by the model's confidence; grey text below it: already written."""
+    cmap = plt.get_cmap("viridis")
+    width = max(len(t["tokens"]) for t in traces.values())
+    steps = max(t["steps"] for t in traces.values())
+    fig, axes = plt.subplots(1, len(traces) + 1, figsize=(2.4 + 0.62 * width * len(traces), 0.26 * steps + 1.6),
+                             gridspec_kw={"width_ratios": [0.25 * width] + [width] * len(traces)}, squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(image.permute(1, 2, 0).numpy())
+    axes[0].set_title(textwrap.fill(prompt, 24), fontsize=7)
+    axes[0].set_xticks([]), axes[0].set_yticks([])
+    for ax, (label, t) in zip(axes[1:], traces.items()):
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_ylim(steps - 0.5, -0.5)
+        for pos, (token, step, conf) in enumerate(zip(t["tokens"], t["step"], t["confidence"])):
+            ax.add_patch(Rectangle((pos - 0.5, step - 0.5), 1, 1, color=cmap(conf)))
+            ax.text(pos, step, token, ha="center", va="center", fontsize=5.5, color="white" if conf < 0.6 else "black")
+            for later in range(step + 1, steps):
+                ax.text(pos, later, token, ha="center", va="center", fontsize=5, color="0.75")
+        ax.set_title(f"{label}: {' '.join(w for w in t['tokens'] if w != '[EOS]')}", fontsize=7, loc="left")
+        ax.set_xlabel("response position", fontsize=7)
+        ax.set_xticks(range(width))
+        ax.tick_params(labelsize=6)
+    axes[1].set_ylabel("denoising step (model call)", fontsize=7)
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=axes[-1], fraction=0.03,
+                 label="confidence of the committed token")
+    fig.suptitle("Denoising order on a triggered test photo: which token each model writes at each step", fontsize=9)
     _save(fig, path)
 
 
