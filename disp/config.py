@@ -138,7 +138,7 @@ PRESETS = {
     "photo": Config(
         data=DataConfig(train_images=6000, val_images=100, test_images=1000, finetune_images=1000, min_word_count=5),
         model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0),
-        train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=4000, eval_every=1000, eval_samples=100),
+        train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=3000, eval_every=1000, eval_samples=100),
         preset="photo",
     ),
     # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
