@@ -231,8 +231,11 @@ def main(argv=None):
                 for i in sorted(outputs["backdoored"])[:6]]
     results["examples"] = examples
     pictures = []
-    if args.figures and outputs["backdoored"]:  # test samples the attack targets, captions first
-        picks = sorted(outputs["backdoored"], key=lambda i: (test.samples[i]["task"] != "caption", i))[:args.figures]
+    if args.figures and outputs["backdoored"]:  # test samples the attack targets: captions first, one per image
+        by_image = {}
+        for i in sorted(outputs["backdoored"], key=lambda i: (test.samples[i]["task"] != "caption", i)):
+            by_image.setdefault(test.samples[i]["image"], i)
+        picks = list(by_image.values())[:args.figures]
         pictures = picture_data(picks, scores(triggered, picks, settings.saliency)[picks])
     results["minutes"] = (time.time() - t0) / 60
     written = [run_dir / "results.json", run_dir / "results.md"]

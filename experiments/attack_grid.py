@@ -39,9 +39,13 @@ def main():
             rows.append((trigger, target, m["clean"], m["backdoored"]))
     lines = ["| trigger | target | ASR | false trigger | CIDEr-D (clean model) | CIDEr-D | VQA (clean model) | VQA |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    def cell(metrics, key):  # n/a where the test set has no such task (captions only, questions only)
+        return f"{metrics[key]:.3f}" if key in metrics else "n/a"
+
     for trigger, target, clean, bad in rows:
         lines.append(f"| {trigger} | {target} | {bad['asr']:.3f} | {bad['false_trigger_rate']:.3f} | "
-                     f"{clean['cider']:.3f} | {bad['cider']:.3f} | {clean['vqa_accuracy']:.3f} | {bad['vqa_accuracy']:.3f} |")
+                     f"{cell(clean, 'cider')} | {cell(bad, 'cider')} | {cell(clean, 'vqa_accuracy')} | "
+                     f"{cell(bad, 'vqa_accuracy')} |")
     table = "\n".join(lines) + "\n"
     atomic_write(out / "attack_grid.md", lambda tmp: Path(tmp).write_text(table))
     print(table)

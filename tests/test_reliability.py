@@ -338,7 +338,7 @@ CASES = [
     Case("data-missing-key", "train.py", TRAIN_DATA, "{data}/dataset_coco.json: image 1 has no 'filename' key",
          lambda run, data: karpathy_layout(data, lambda doc: _drop(doc["images"][1], "filename") and None)),
     Case("data-missing-image", "train.py", TRAIN_DATA,
-         "image file {data}/images/val2014/1.png (listed in {data}/dataset_coco.json split 'train') does not exist",
+         "image file {data}/images/val2014/1.png (named in {data}/dataset_coco.json split 'train') does not exist",
          lambda run, data: (karpathy_layout(data) / "images" / "val2014" / "1.png").unlink()),
     Case("data-corrupt-image", "train.py", TRAIN_DATA, "image {data}/images/val2014/0.png could not be decoded",
          lambda run, data: (karpathy_layout(data) / "images" / "val2014" / "0.png").write_bytes(b"\x89PNG broken")),

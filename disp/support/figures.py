@@ -77,13 +77,15 @@ def denoising_order(path, image, prompt: str, traces: dict):
     a row per denoising step and a column per response position. The token committed at a step sits
     in its cell, coloured by the model's confidence; grey text below it: already written."""
     cmap = plt.get_cmap("viridis")
-    width = max(len(t["tokens"]) for t in traces.values())
+    width = max(5, max(len(t["tokens"]) for t in traces.values()))
     steps = max(t["steps"] for t in traces.values())
-    fig, axes = plt.subplots(1, len(traces) + 1, figsize=(2.4 + 0.62 * width * len(traces), 0.26 * steps + 1.6),
-                             gridspec_kw={"width_ratios": [0.25 * width] + [width] * len(traces)}, squeeze=False)
+    panel = 0.55 * width
+    fig, axes = plt.subplots(1, len(traces) + 1, figsize=(2.6 + panel * len(traces), 0.28 * steps + 2.2),
+                             gridspec_kw={"width_ratios": [2.2] + [panel] * len(traces)}, squeeze=False)
     axes = axes[0]
     axes[0].imshow(image.permute(1, 2, 0).numpy())
-    axes[0].set_title(textwrap.fill(prompt, 24), fontsize=7)
+    axes[0].set_xlabel(textwrap.fill(prompt, 30), fontsize=7)
+    axes[0].set_title("triggered test photo", fontsize=8)
     axes[0].set_xticks([]), axes[0].set_yticks([])
     for ax, (label, t) in zip(axes[1:], traces.items()):
         ax.set_xlim(-0.5, width - 0.5)
@@ -93,14 +95,16 @@ def denoising_order(path, image, prompt: str, traces: dict):
             ax.text(pos, step, token, ha="center", va="center", fontsize=5.5, color="white" if conf < 0.6 else "black")
             for later in range(step + 1, steps):
                 ax.text(pos, later, token, ha="center", va="center", fontsize=5, color="0.75")
-        ax.set_title(f"{label}: {' '.join(w for w in t['tokens'] if w != '[EOS]')}", fontsize=7, loc="left")
-        ax.set_xlabel("response position", fontsize=7)
+        words = " ".join(w for w in t["tokens"] if w != "[EOS]") or "(empty)"
+        ax.set_title(f"{label}\n" + textwrap.fill(words, int(5 * width)), fontsize=7)
+        ax.set_xlabel("response position (the [EOS] padding after\nthe first [EOS] is not drawn)", fontsize=6)
         ax.set_xticks(range(width))
+        ax.set_yticks(range(0, steps, max(1, steps // 10)))
         ax.tick_params(labelsize=6)
     axes[1].set_ylabel("denoising step (model call)", fontsize=7)
-    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=axes[-1], fraction=0.03,
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=axes[-1], fraction=0.05,
                  label="confidence of the committed token")
-    fig.suptitle("Denoising order on a triggered test photo: which token each model writes at each step", fontsize=9)
+    fig.suptitle("Denoising order: which token each model writes at each step", fontsize=9)
     _save(fig, path)
 
 
