@@ -108,13 +108,14 @@ def probe_triggers(vits, test, image_size: int, steps: int, device) -> dict:
     half = len(test.images) // 2
     if half < 2:
         raise DispError("the test split needs at least 4 images for the trigger probe")
+    clean = {name: pooled_features(vit, test.images, device) for name, vit in vits.items()}  # once per encoder
     out = {}
     for trigger in TRIGGERS:
         bcfg = BackdoorConfig(trigger=trigger).validate(image_size)
         triggered = apply_trigger(test.images, bcfg)
         out[trigger] = {}
         for name, vit in vits.items():
-            clean_f, trig_f = pooled_features(vit, test.images, device), pooled_features(vit, triggered, device)
+            clean_f, trig_f = clean[name], pooled_features(vit, triggered, device)
             x_fit = torch.cat([clean_f[:half], trig_f[:half]])
             y_fit = torch.cat([torch.zeros(half, 1), torch.ones(half, 1)])
             predict = fit_probe(x_fit, y_fit, steps)
