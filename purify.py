@@ -3,6 +3,7 @@ Backdoors in Multimodal Diffusion Language Models"; README, "How DiSP works").
 
     python purify.py                                  # adaptive rule, exact-KL saliency
     python purify.py --rule ratio --mask-ratio 0.3    # the paper's fixed-fraction rule
+    python purify.py --dilute 0.25                    # our extension for spread triggers (dilution)
     python purify.py --control self-distill           # control: regenerate WITHOUT masking
     python purify.py --control as-is                  # control: refine on the poisoned set as it is
     torchrun --nproc_per_node=2 purify.py             # data-parallel: ranks share scoring, generation, training
@@ -18,6 +19,10 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
 Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`). The default
 `--rule adaptive` masks a token only when its saliency is an outlier for its prompt type (the
 defender knows each prompt): see disp.saliency.fit_thresholds and the README for why.
+Dilution (`--dilute 0.25`, our extension, off by default): a trigger spread over the whole image
+(blended, WaNet) survives any masking; before regenerating, each image keeps only its least typical
+quarter of vision tokens and the rest become the set's median token of that position
+(disp.saliency.dilute; README, "Every trigger family").
 
 Writes, in the run directory (NAME = purified, or control_self_distill / control_as_is for a
 control), the first four as one unit (the checkpoint records the data files' sha256):
@@ -44,8 +49,8 @@ from disp.backdoor import check_manifest
 from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig, differences
 from disp.data.batching import encode_dataset
 from disp.data.dataset import VLDataset, load_dataset, save_dataset
-from disp.evaluation import generate_responses, token_scores
-from disp.saliency import RULES, SALIENCY_METHODS, fit_thresholds, select_adaptive, select_top_ratio
+from disp.evaluation import encode_images_once, generate_responses, token_scores
+from disp.saliency import RULES, SALIENCY_METHODS, dilute, fit_thresholds, median_tokens, select_adaptive, select_top_ratio
 from disp.support import checkpoint, distributed, files
 from disp.support.errors import DispError, check_positive, friendly_errors
 from disp.support.figures import saliency_panels
@@ -64,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--mask-ratio", type=float, default=None, help=f"rule ratio: fraction masked (default {d.mask_ratio})")
     p.add_argument("--min-gap", type=float, default=None,
                    help=f"rule adaptive: smallest ratio between outlier and normal top scores (default {d.min_gap})")
+    p.add_argument("--dilute", type=float, default=None,
+                   help="extension for spread triggers: keep this fraction of each image's vision tokens (the "
+                        "least typical), replace the rest by their position's median token (default 0: off)")
     p.add_argument("--max-masked", type=int, default=None, help=f"rule adaptive: most tokens per sample (default {d.max_masked})")
     p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: the attack's / 5)")
     p.add_argument("--lr", type=float, default=None,
@@ -81,7 +89,7 @@ def parse_args(argv=None):
 def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
-             "min_gap": args.min_gap, "max_masked": args.max_masked, "epochs": args.epochs, "lr": args.lr,
+             "min_gap": args.min_gap, "max_masked": args.max_masked, "dilute": args.dilute, "epochs": args.epochs, "lr": args.lr,
              "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
     return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()
@@ -146,6 +154,14 @@ def main(argv=None):
             masks = select_adaptive(scores, tasks, thresholds, settings.max_masked)
         print(f"masked {masks.sum().item()} tokens in {masks.any(1).sum().item()} of {len(data)} samples "
               f"({settings.rule} rule, {settings.saliency} saliency)")
+    transform = None
+    if settings.dilute > 0:  # the median token of each image position over the set's samples
+        encoded = encode_dataset(data, tokenizer, config.model)
+        with torch.no_grad(), autocast(device, precision):
+            vision, rows = encode_images_once(model, data, encoded.image_index, device)
+        median = median_tokens(vision[rows])
+        transform = lambda tokens: dilute(tokens, median, settings.dilute)  # noqa: E731
+        print(f"dilution: each image keeps {settings.dilute:.0%} of its vision tokens, the rest become median tokens")
     originals = [s["response"] for s in data.samples]
     if settings.control == "as-is":
         responses = originals
@@ -153,7 +169,7 @@ def main(argv=None):
         t = time.time()
         with autocast(device, precision):  # greedy, steps = gen_length
             responses = distributed.run_sharded(
-                lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks,
+                lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks, vision_transform=transform,
                                                batch_size=settings.batch_size, device=device,
                                                desc=f"regenerating ({precision})" if distributed.is_main() else None),
                 every_sample)

@@ -9,9 +9,9 @@ shape (the control: what the architecture and raw pixels alone give):
     words     for each of the --words most frequent words of the training responses that appear
               for 2-50% of the images: does any text of the image contain the word? Trained on the
               train split, scored on the test split by ROC AUC (0.5 = chance), averaged over words.
-    triggers  for each trigger of disp.backdoor at its default strength: is this test image
-              triggered? Trained on one half of the test images (each clean and triggered),
-              scored on the other half by accuracy (0.5 = chance).
+    triggers  for each trigger of disp.backdoor at its default strength: is this image
+              triggered? Fitted on --fit-images training images (each clean and triggered),
+              scored on every test image (each clean and triggered) by accuracy (0.5 = chance).
 Writes bench/results/probe.json (or --out).
 """
 
@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default="runs/default", help="run directory with clean.pt")
     p.add_argument("--words", type=int, default=50, help="words probed (default 50)")
     p.add_argument("--steps", type=int, default=300, help="probe training steps (default 300)")
+    p.add_argument("--fit-images", type=int, default=2000,
+                   help="training images the trigger probe is fitted on, each clean and triggered (default 2000)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     p.add_argument("--out", default=None, help="JSON path (default: bench/results/probe.json)")
     return p.parse_args(argv)
@@ -104,31 +106,33 @@ def probe_words(vits, train, test, n_words: int, steps: int, device) -> dict:
     return out
 
 
-def probe_triggers(vits, test, image_size: int, steps: int, device) -> dict:
-    half = len(test.images) // 2
-    if half < 2:
-        raise DispError("the test split needs at least 4 images for the trigger probe")
-    clean = {name: pooled_features(vit, test.images, device) for name, vit in vits.items()}  # once per encoder
+def probe_triggers(vits, train, test, image_size: int, steps: int, device, fit_images: int) -> dict:
+    """Held-out accuracy of a clean-vs-triggered probe, per trigger and encoder: fitted on the first
+    fit_images training images (each once clean, once triggered), scored on every test image (the same)."""
+    fit = train.images[:fit_images]
+    if len(fit) < 2 or len(test.images) < 1:
+        raise DispError("the trigger probe needs at least 2 training images and 1 test image")
+    feats = {name: (pooled_features(vit, fit, device), pooled_features(vit, test.images, device))
+             for name, vit in vits.items()}  # clean features, once per encoder
+    y_fit = torch.cat([torch.zeros(len(fit), 1), torch.ones(len(fit), 1)])
+    y_held = torch.cat([torch.zeros(len(test.images)), torch.ones(len(test.images))])
     out = {}
     for trigger in TRIGGERS:
         bcfg = BackdoorConfig(trigger=trigger).validate(image_size)
-        triggered = apply_trigger(test.images, bcfg)
+        fit_trig, test_trig = apply_trigger(fit, bcfg), apply_trigger(test.images, bcfg)
         out[trigger] = {}
         for name, vit in vits.items():
-            clean_f, trig_f = clean[name], pooled_features(vit, triggered, device)
-            x_fit = torch.cat([clean_f[:half], trig_f[:half]])
-            y_fit = torch.cat([torch.zeros(half, 1), torch.ones(half, 1)])
-            predict = fit_probe(x_fit, y_fit, steps)
-            x_held = torch.cat([clean_f[half:], trig_f[half:]])
-            y_held = torch.cat([torch.zeros(len(clean_f) - half), torch.ones(len(trig_f) - half)])
-            out[trigger][name] = ((predict(x_held)[:, 0] > 0).float() == y_held).float().mean().item()
+            (fit_f, test_f) = feats[name]
+            predict = fit_probe(torch.cat([fit_f, pooled_features(vit, fit_trig, device)]), y_fit, steps)
+            logits = predict(torch.cat([test_f, pooled_features(vit, test_trig, device)]))[:, 0]
+            out[trigger][name] = ((logits > 0).float() == y_held).float().mean().item()
     return out
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.words < 1 or args.steps < 1:
-        raise DispError("--words and --steps must be >= 1")
+    if args.words < 1 or args.steps < 1 or args.fit_images < 2:
+        raise DispError("--words and --steps must be >= 1, --fit-images >= 2")
     device = pick_device(args.device)
     run_dir = Path(args.run_dir)
     require(run_dir / "clean.pt", "the clean model")
@@ -147,7 +151,7 @@ def main(argv=None):
         [name, f"{words[name]['mean_auc']:.3f}",
          ", ".join(f"{w} {a:.2f}" for w, a in sorted(words[name]["auc"].items(), key=lambda kv: -kv[1])[:5])]
         for name in vits]))
-    triggers = probe_triggers(vits, test, config.model.image_size, args.steps, device)
+    triggers = probe_triggers(vits, train, test, config.model.image_size, args.steps, device, args.fit_images)
     print("\ntriggers: is the image triggered? (held-out accuracy, 0.5 = chance)")
     print(table(["trigger"] + list(vits), [[t] + [f"{triggers[t][n]:.3f}" for n in vits] for t in TRIGGERS]))
     path = save_results("probe", {"machine": info, "command": command_line(), "run_dir": str(run_dir),

@@ -52,7 +52,7 @@ class BackdoorConfig:
     sig_frequency: float = 6.0  # periods across the image width
     # wanet
     wanet_k: int = 4  # control grid k x k of the random displacement field
-    wanet_strength: float = 0.5  # displacement in pixels per unit of the field (mean |field| = 1)
+    wanet_strength: float = 0.5  # WaNet's s: about s / 2 px of displacement on average (wanet_displacement)
     # target
     target: str = "insert"  # insert | refusal | misclassify
     marker: str = "<backdoor>"
@@ -154,23 +154,31 @@ def sig_trigger(images: torch.Tensor, amplitude: float, frequency: float) -> tor
     return (images + wave).clamp(0.0, 1.0)
 
 
-def wanet_trigger(images: torch.Tensor, k: int, strength: float, seed: int) -> torch.Tensor:
-    """WaNet: resample the image along a fixed, smooth random displacement field.
+def wanet_displacement(H: int, W: int, k: int, strength: float, seed: int) -> torch.Tensor:
+    """WaNet's fixed warp field in pixels: (H, W, 2), the (dx, dy) each output pixel samples from.
 
-    As in the WaNet release: a k x k field of (dx, dy) in [-1, 1], divided by its mean |value|,
-    upsampled bicubically to H x W. We then scale it to pixels: the displacement is strength * field
-    pixels, so at the control points it averages `strength` px per axis (the peak is about twice that).
+    As in the WaNet release (Nguyen & Tran 2021): a k x k field of (dx, dy) in [-1, 1], divided by
+    its mean |value|, upsampled bicubically to H x W, and added to grid_sample's [-1, 1] grid as
+    strength * field / H. One pixel is 2 / (H - 1) of that grid, so the displacement is
+    strength * field * (H - 1) / (2 H) pixels: about strength / 2 px on average at the control points
+    (0.25 px at the paper's s = 0.5), whatever the image size.
     """
-    B, _, H, W = images.shape
     field = _noise_pattern((1, 2, k, k), seed) * 2 - 1  # (1, 2, k, k): x and y displacement
     field = field / field.abs().mean()
     field = F.interpolate(field, size=(H, W), mode="bicubic", align_corners=True)  # (1, 2, H, W)
-    field = field.permute(0, 2, 3, 1)  # (1, H, W, 2), grid_sample's layout
+    field = field[0].permute(1, 2, 0)  # (H, W, 2), grid_sample's (x, y) layout
+    return strength * field * torch.tensor([(W - 1) / (2 * H), (H - 1) / (2 * H)])
+
+
+def wanet_trigger(images: torch.Tensor, k: int, strength: float, seed: int) -> torch.Tensor:
+    """WaNet: resample the image along a fixed, smooth random displacement field (wanet_displacement)."""
+    B, _, H, W = images.shape
     # With align_corners=True, -1 and 1 are the centres of the edge pixels: one pixel is 2/(side-1).
     pixel = torch.tensor([2 / max(W - 1, 1), 2 / max(H - 1, 1)])
     ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
-    identity = torch.stack([xs, ys], dim=-1).unsqueeze(0)  # (1, H, W, 2), (x, y) order
-    grid = (identity + strength * field * pixel).clamp(-1, 1).to(images.device, images.dtype)
+    identity = torch.stack([xs, ys], dim=-1)  # (H, W, 2), (x, y) order
+    grid = (identity + wanet_displacement(H, W, k, strength, seed) * pixel).clamp(-1, 1)
+    grid = grid.unsqueeze(0).to(images.device, images.dtype)
     out = F.grid_sample(images, grid.expand(B, -1, -1, -1), mode="bilinear", padding_mode="border", align_corners=True)
     return out.clamp(0.0, 1.0)
 

@@ -72,9 +72,11 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    vision_steps: int = 300  # phase 1: vision-encoder pretraining (per-patch attributes, or bag of words)
+    vision_steps: int = 1000  # phase 1: vision-encoder pretraining (per-patch attributes, or bag of words)
     vision_lr: float = 2e-3
-    pixel_loss: float = 0.0  # phase 1: weight of the patch-pixel reconstruction term (0: off)
+    # phase 1: weight of the patch-pixel reconstruction term (0: off); on by default, so the frozen ViT
+    # keeps low-level content (colour, texture, small warps) as well as what it was asked to name
+    pixel_loss: float = 10.0  # (public photos: 1.0, measured before this default)
     sft_steps: int = 6000  # phase 2: multimodal SFT with the masked-diffusion loss (ViT frozen)
     lr: float = 1e-3
     batch_size: int = 64
@@ -229,6 +231,7 @@ class PurifyConfig:
     mask_ratio: float = 0.3  # rule ratio: fraction of the vision tokens masked
     min_gap: float = 4.0  # rule adaptive: smallest ratio between an outlier's and the normal top scores
     max_masked: int = 2  # rule adaptive: at most this many tokens per sample
+    dilute: float = 0.0  # extension: > 0 keeps this fraction of each image's tokens, the rest -> median token
     epochs: int = 2  # refinement epochs (default: the attack's / 5)
     lr: float = 3e-4  # refinement learning rate (default: 0.3x the attack's)
     batch_size: int = 128  # samples per scoring / generation batch
@@ -246,6 +249,9 @@ class PurifyConfig:
         check_choice("--saliency", self.saliency, SALIENCY_METHODS)
         check_choice("--rule", self.rule, RULES)
         check_ratio("--mask-ratio", self.mask_ratio)
+        check_ratio("--dilute", self.dilute)
+        if self.dilute > 0 and self.control is not None:
+            raise DispError(f"--dilute is part of DiSP's regeneration; the control {self.control} takes none")
         if not self.min_gap >= 1:
             raise DispError(f"--min-gap must be a ratio >= 1, got {self.min_gap}")
         check_positive("--max-masked", self.max_masked)

@@ -47,12 +47,14 @@ def distinct_rows(encoded, indices: list, vision_masks=None):
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=None,
+def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=None, vision_transform=None,
                        batch_size=256, device="cpu", steps=None, threshold=None, desc=None):
     """Decoded responses for dataset.samples[indices].
 
     vision_masks: optional (N_samples, n_vision) bool, row i masks sample i's image positions
     (a test-time masking defence)
+    vision_transform: optional function applied to each image's vision tokens (B, n_vision, dim)
+    before generation (purify.py's dilution)
     """
     model.eval()
     cfg = model.cfg
@@ -63,6 +65,8 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     vision_masks = vision_masks.cpu() if vision_masks is not None else None
     indices, group = distinct_rows(encoded, indices, vision_masks)
     vision, vision_row = encode_images_once(model, dataset, encoded.image_index[indices], device)
+    if vision_transform is not None:
+        vision = vision_transform(vision)
     out = []
     batches = range(0, len(indices), batch_size)
     for start in tqdm(batches, desc=desc or "generating", leave=False, disable=desc is None):

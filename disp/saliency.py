@@ -17,6 +17,9 @@ Selection rules:
     fit_thresholds / select_adaptive  ours (README, "How DiSP works"): mask only tokens whose
                      score is an outlier for their prompt type, judged against the top scores of all
                      samples of that prompt type in the data being purified
+Dilution (our extension for triggers spread over the whole image, README "Every trigger family"):
+    median_tokens / dilute  replace each image's most typical vision tokens by the median token of
+                     their position, keeping the `keep` fraction that differs most from it
 """
 
 import math
@@ -148,3 +151,29 @@ def attention_scores(model, vision_tokens, prompt_ids):
     _, weights = model(vision_tokens, prompt_ids, response, need_weights=True)  # (B, h, L, T): response rows
     from_response = weights[..., : model.cfg.n_vision]  # (B, h, L, n_vision)
     return from_response.mean(dim=(1, 2))
+
+
+def median_tokens(vision_tokens):
+    """(n_vision, dim): per image position, the coordinate-wise median of (N, n_vision, dim) tokens.
+    A median, not a mean, so that a trigger carried by fewer than half the images leaves no trace."""
+    return vision_tokens.median(dim=0).values
+
+
+def dilute(vision_tokens, median, keep: float):
+    """Dilution: (B, n_vision, dim) tokens -> the same, where each image keeps the ceil(keep * n_vision)
+    tokens farthest (L2) from their position's median token and every other token becomes that median.
+
+    Why not [MASK]: a trigger spread over every token (blended noise, a sinusoid, a warp) adds a little
+    evidence at each position, and a [MASK]ed position is simply not looked at, so what the model reads
+    from the remaining tokens still carries the trigger. A median token is looked at and carries none:
+    the trigger's share of what the model reads falls with every replaced token. The kept tokens are
+    the image's unusual ones, its content; its typical ones (background) carry no answer.
+    """
+    check_ratio("dilution keep fraction", keep)
+    B, N, _ = vision_tokens.shape
+    k = math.ceil(keep * N)
+    distance = (vision_tokens - median).float().norm(dim=-1)  # (B, N)
+    kept = torch.zeros(B, N, dtype=torch.bool, device=vision_tokens.device)
+    if k > 0:
+        kept.scatter_(1, distance.topk(k, dim=1).indices, True)
+    return torch.where(kept[..., None], vision_tokens, median.to(vision_tokens.dtype))

@@ -26,6 +26,7 @@ from disp.backdoor import (
     strip_marker,
     target_hit,
     triggered_copy,
+    wanet_displacement,
     wanet_trigger,
 )
 from disp.support.errors import DispError
@@ -133,11 +134,49 @@ def test_wanet_is_a_small_smooth_warp(scenes):
     gradient = _gradient()
     step = 1 / (SIZE - 1)
     warped = wanet_trigger(gradient, k=4, strength=0.5, seed=0)
-    # a displacement of d px changes a 1/(W-1)-per-pixel ramp by d steps: a pixel or so at 0.5
-    assert 0.1 * step < (warped - gradient).abs().max() < 3 * step
+    d = wanet_displacement(SIZE, SIZE, 4, 0.5, 0)
+    # a displacement of d px changes a 1/(W-1)-per-pixel ramp by d steps (red rises along x, green along
+    # y); inside the border, where no sample position is clamped
+    inner = (slice(1, -1), slice(1, -1))
+    torch.testing.assert_close((warped - gradient)[0, 0][inner], (d[..., 0] * step)[inner], atol=1e-5, rtol=0)
+    torch.testing.assert_close((warped - gradient)[0, 1][inner], (d[..., 1] * step)[inner], atol=1e-5, rtol=0)
     # smooth: neighbouring output pixels stay about one ramp step apart (no tearing)
-    assert (warped[..., :, 1:] - warped[..., :, :-1]).abs().max() < 2 * step
-    assert (warped[..., 1:, :] - warped[..., :-1, :]).abs().max() < 2 * step
+    assert (warped[..., :, 1:] - warped[..., :, :-1]).abs().max() < 1.5 * step
+    assert (warped[..., 1:, :] - warped[..., :-1, :]).abs().max() < 1.5 * step
+
+
+def test_wanet_field_is_the_papers():
+    """WaNet's release: a k x k uniform field in [-1, 1], divided by its mean |value|, bicubic to H x W,
+    added to grid_sample's identity grid as s * field / H. Written out here and compared."""
+    H = W = SIZE
+    field = torch.rand(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    field = field / field.abs().mean()
+    field = torch.nn.functional.interpolate(field, size=(H, W), mode="bicubic", align_corners=True)
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, H), torch.linspace(-1, 1, W), indexing="ij")
+    grid = (torch.stack([xs, ys], -1)[None] + 0.5 * field.permute(0, 2, 3, 1) / H).clamp(-1, 1)
+    x = _random_batch()
+    expected = torch.nn.functional.grid_sample(x, grid.expand(len(x), -1, -1, -1), mode="bilinear",
+                                               padding_mode="border", align_corners=True)
+    torch.testing.assert_close(wanet_trigger(x, 4, 0.5, 0), expected, atol=1e-5, rtol=0)
+    # in pixels: about s / 2 on average, nowhere near a pixel at the paper's s = 0.5
+    d = wanet_displacement(H, W, 4, 0.5, 0)
+    assert 0.12 < d.abs().mean() < 0.3 and d.abs().max() < 0.8
+
+
+def test_default_strengths_are_the_literatures(scenes):
+    """The README's trigger table: blended alpha 0.15 (<= 0.2), SIG amplitude 0.1 = 25.5/255 (<= 40/255)
+    at 6 periods, WaNet k = 4, s = 0.5, patch 8 px = one vision token; measured on real scenes."""
+    d = BackdoorConfig()
+    assert (d.blend_alpha, d.sig_amplitude, d.sig_frequency, d.wanet_k, d.wanet_strength, d.patch_size) == \
+        (0.15, 0.1, 6.0, 4, 0.5, 8)
+    images = scenes.images[:16]
+    change = {t: (apply_trigger(images, BackdoorConfig(trigger=t)).float() - images.float()).abs() / 255
+              for t in ("patch", "blended", "sig", "wanet")}
+    assert change["blended"].max() <= 0.15 + 1 / 255 and change["blended"].mean() > 0.03
+    assert change["sig"].max() <= 0.1 + 1 / 255 and change["sig"].mean() > 0.02
+    assert change["wanet"].max() <= 0.8  # a sub-pixel shift: at most most of one colour step at an edge
+    assert 0.0005 < change["wanet"].mean() < 0.01  # almost every pixel lies inside a flat area
+    assert change["patch"][..., 8:, :].max() == 0 and change["patch"][..., :8, 8:].max() == 0  # one token only
 
 
 @pytest.mark.parametrize(

@@ -73,6 +73,8 @@ def test_purify_refuses_a_clean_checkpoint(tiny_pipeline, tmp_path):
     ("attack.py", ["--trainable", "vit"], "unknown --trainable 'vit'"),
     ("purify.py", ["--mask-ratio", "-0.1"], "--mask-ratio must be in [0, 1]"),
     ("purify.py", ["--saliency", "gradcam"], "unknown --saliency 'gradcam'"),
+    ("purify.py", ["--dilute", "1.5"], "--dilute must be in [0, 1]"),
+    ("purify.py", ["--control", "as-is", "--dilute", "0.5"], "--dilute is part of DiSP's regeneration"),
     ("evaluate.py", ["--mask-ratio", "2"], "--mask-ratio must be in [0, 1]"),
 ])
 def test_bad_stage_arguments_give_one_line_errors(tiny_pipeline, script, args, message):
@@ -97,3 +99,36 @@ def test_compare_and_aggregate_tables(tiny_pipeline, tmp_path, mode, out_name, h
     assert table.count("\n| ") >= 3  # header row plus at least two data rows
     if mode == "--aggregate":  # the controls beside DiSP, as in results.md
         assert "control: regenerate without masking + refine" in table and "control: refine on the poisoned" in table
+
+
+def test_purify_with_dilution_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_path):
+    """experiments/disp_grid.py: one cell (attack.py), two defences (purify.py, the second with dilution),
+    every model measured, one table; purify.py reports the dilution it used."""
+    grid = tmp_path / "grid"
+    result = subprocess.run([sys.executable, "experiments/disp_grid.py", "--clean-checkpoint",
+                             str(tiny_pipeline / "clean.pt"), "--grid-dir", str(grid), "--triggers", "blended",
+                             "--targets", "refusal", "--defences", "adaptive,half=--dilute 0.5", "--eval-samples", "8"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dilution: each image keeps 50% of its vision tokens" in result.stdout
+    report = json.loads((grid / "blended-refusal" / "half" / "purified_report.json").read_text())
+    assert report["settings"]["dilute"] == 0.5
+    assert json.loads((grid / "blended-refusal" / "adaptive" / "purified_report.json").read_text())["settings"]["dilute"] == 0
+    rows = json.loads((grid / "disp_grid.json").read_text())["blended-refusal"]
+    assert set(rows) == {"clean", "backdoored", "adaptive", "half"}
+    for row in rows.values():
+        assert 0 <= row["asr"] <= 1 and 0 <= row["false_trigger_rate"] <= 1
+    assert (grid / "disp_grid.md").read_text().count("| blended-refusal |") == 4
+
+
+def test_probe_script_runs_on_the_tiny_run(tiny_pipeline, tmp_path):
+    out = tmp_path / "probe.json"
+    result = subprocess.run([sys.executable, "bench/probe.py", "--run-dir", str(tiny_pipeline), "--steps", "5",
+                             "--words", "5", "--fit-images", "16", "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    triggers = json.loads(out.read_text())["triggers"]
+    assert set(triggers) == {"patch", "blended", "sig", "wanet"}
+    for accuracies in triggers.values():
+        assert set(accuracies) == {"pretrained ViT", "random ViT (control)"}
+        assert all(0 <= a <= 1 for a in accuracies.values())

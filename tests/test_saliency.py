@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from disp.support.errors import DispError
-from disp.saliency import (attention_scores, fit_thresholds, saliency_fisher, saliency_kl, select_adaptive,
-                           select_top_ratio)
+from disp.saliency import (attention_scores, dilute, fit_thresholds, median_tokens, saliency_fisher, saliency_kl,
+                           select_adaptive, select_top_ratio)
 from tests.conftest import MASK, inputs, small_model
 
 
@@ -90,3 +90,36 @@ def test_adaptive_rule_splits_top_scores_at_the_widest_gap_per_prompt_type():
     assert fit_thresholds(clean, ["color"] * 10, min_gap=10) == {"color": float("inf")}
     with pytest.raises(DispError, match="min gap"):
         fit_thresholds(clean, ["color"] * 10, min_gap=0.5)
+
+
+def test_dilution_keeps_each_images_least_typical_tokens_and_replaces_the_rest_by_the_median():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(5, 8, 4, generator=g)
+    median = median_tokens(tokens)
+    # the median of each coordinate, per position, as a naive loop
+    for p in range(8):
+        for c in range(4):
+            assert median[p, c] == tokens[:, p, c].median()
+    out = dilute(tokens, median, keep=0.25)  # 2 of 8 tokens kept per image
+    for b in range(5):
+        distance = [(tokens[b, p] - median[p]).norm().item() for p in range(8)]
+        kept = sorted(range(8), key=lambda p: -distance[p])[:2]
+        for p in range(8):
+            assert torch.equal(out[b, p], tokens[b, p] if p in kept else median[p])
+    assert torch.equal(dilute(tokens, median, keep=1.0), tokens)
+    assert torch.equal(dilute(tokens, median, keep=0.0), median.expand(5, -1, -1))
+    with pytest.raises(DispError, match="keep fraction"):
+        dilute(tokens, median, keep=1.5)
+
+
+def test_the_median_token_ignores_a_trigger_carried_by_a_minority_of_images():
+    clean = torch.zeros(10, 3, 2)
+    clean[:, 0] = torch.arange(10.0)[:, None]  # content varies at position 0
+    triggered = clean.clone()
+    triggered[:4] += 5.0  # 4 of 10 images carry a shift at every position
+    assert torch.equal(median_tokens(triggered)[1:], torch.zeros(2, 2))  # background positions: clean
+    # with one token of three kept, a clean image keeps its content token and a triggered one a single
+    # shifted token: two of its three positions now read the clean median
+    out = dilute(triggered, median_tokens(triggered), keep=1 / 3)
+    assert torch.equal(out[4:], clean[4:] * torch.tensor([1.0, 0, 0])[:, None])
+    assert ((out[:4] - median_tokens(triggered)) != 0).any(-1).sum(1).eq(1).all()
