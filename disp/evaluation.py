@@ -158,10 +158,12 @@ def clean_metrics(model, tokenizer, dataset, *, limit=None, device="cpu", desc=N
 
 
 def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None, device="cpu",
-                     clean_masks=None, triggered_masks=None, triggered=None, desc=None, return_predictions=False):
+                     clean_masks=None, triggered_masks=None, triggered=None, vision_transform=None, desc=None,
+                     return_predictions=False):
     """ASR on the triggered test set, false-trigger rate and clean metrics on the untriggered one.
 
     clean_masks / triggered_masks: optional (N_samples, n_vision) vision masks (test-time defences);
+    vision_transform: optional, applied to every image's vision tokens (generate_responses);
     triggered: the triggered copy of `test` if the caller already made it.
 
     For `insert`, also the caption quality of triggered outputs once the marker is removed (does the
@@ -171,10 +173,11 @@ def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None
     measured = set(indices)
     eligible = [i for i in asr_eligible(test.samples, bcfg) if i in measured]
     clean_out = dict(zip(indices, generate_responses(model, tokenizer, test, indices, device=device,
-                                                     vision_masks=clean_masks, desc=desc and desc + " (clean)")))
+                                                     vision_masks=clean_masks, vision_transform=vision_transform,
+                                                     desc=desc and desc + " (clean)")))
     triggered = triggered if triggered is not None else triggered_copy(test, bcfg)
     trig_out = dict(zip(eligible, generate_responses(model, tokenizer, triggered, eligible, device=device,
-                                                     vision_masks=triggered_masks,
+                                                     vision_masks=triggered_masks, vision_transform=vision_transform,
                                                      desc=desc and desc + " (triggered)")))
     result = {
         "asr": attack_success_rate(list(trig_out.values()), bcfg),

@@ -119,6 +119,12 @@ def test_purify_with_dilution_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, t
     for row in rows.values():
         assert 0 <= row["asr"] <= 1 and 0 <= row["false_trigger_rate"] <= 1
     assert (grid / "disp_grid.md").read_text().count("| blended-refusal |") == 4
+    # the test-time comparison on the same backdoored model: one row per way of hiding tokens
+    result = subprocess.run([sys.executable, "experiments/mask_vs_dilute.py", "--run-dir", str(grid / "blended-refusal"),
+                             "--keep", "0.5", "--eval-samples", "8"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for row in ("| nothing | 1.00 |", "| [MASK] | 0.50 |", "| median token (dilution) | 0.50 |"):
+        assert row in result.stdout
 
 
 def test_probe_script_runs_on_the_tiny_run(tiny_pipeline, tmp_path):
