@@ -120,7 +120,8 @@ def probe_triggers(vits, train, test, image_size: int, steps: int, device, fit_i
     for trigger in TRIGGERS:
         bcfg = BackdoorConfig(trigger=trigger).validate(image_size)
         fit_trig, test_trig = apply_trigger(fit, bcfg), apply_trigger(test.images, bcfg)
-        out[trigger] = {}
+        change = (test_trig.float() - test.images.float()).abs() / 255  # the trigger's strength on these images
+        out[trigger] = {"max pixel change": change.max().item(), "mean pixel change": change.mean().item()}
         for name, vit in vits.items():
             (fit_f, test_f) = feats[name]
             predict = fit_probe(torch.cat([fit_f, pooled_features(vit, fit_trig, device)]), y_fit, steps)
@@ -152,8 +153,10 @@ def main(argv=None):
          ", ".join(f"{w} {a:.2f}" for w, a in sorted(words[name]["auc"].items(), key=lambda kv: -kv[1])[:5])]
         for name in vits]))
     triggers = probe_triggers(vits, train, test, config.model.image_size, args.steps, device, args.fit_images)
-    print("\ntriggers: is the image triggered? (held-out accuracy, 0.5 = chance)")
-    print(table(["trigger"] + list(vits), [[t] + [f"{triggers[t][n]:.3f}" for n in vits] for t in TRIGGERS]))
+    print("\ntriggers: is the image triggered? (held-out accuracy, 0.5 = chance; pixel changes in [0, 1] units)")
+    print(table(["trigger", "max pixel change", "mean pixel change"] + list(vits),
+                [[t, f"{triggers[t]['max pixel change']:.3f}", f"{triggers[t]['mean pixel change']:.4f}"] +
+                 [f"{triggers[t][n]:.3f}" for n in vits] for t in TRIGGERS]))
     path = save_results("probe", {"machine": info, "command": command_line(), "run_dir": str(run_dir),
                                   "words": words, "triggers": triggers}, args.out)
     print(f"wrote {path}")

@@ -138,10 +138,11 @@ def main(argv=None):
                                  "clean_masked": report.get("clean_sample_masked_rate"),
                                  "precision": report["detection"]["precision"], "recall": report["detection"]["recall"]}
                 atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+                write_table(grid, results, quiet=True)  # the table so far, readable while the grid runs
     write_table(grid, results)
 
 
-def write_table(grid: Path, results: dict):
+def write_table(grid: Path, results: dict, quiet: bool = False):
     def f(v):
         return "n/a" if v is None else f"{v:.3f}"
 
@@ -154,7 +155,8 @@ def write_table(grid: Path, results: dict):
                          f"{f(m.get('precision'))} | {f(m.get('recall'))} |")
     table = "\n".join(lines) + "\n"
     atomic_write(grid / "disp_grid.md", lambda tmp: Path(tmp).write_text(table))
-    print(table)
+    if not quiet:
+        print(table)
 
 
 if __name__ == "__main__":
