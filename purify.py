@@ -20,9 +20,11 @@ Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`)
 `--rule adaptive` masks a token only when its saliency is an outlier for its prompt type (the
 defender knows each prompt): see disp.saliency.fit_thresholds and the README for why.
 Dilution (`--dilute 0.25`, our extension, off by default): a trigger spread over the whole image
-(blended, WaNet) survives any masking; before regenerating, each image keeps only its least typical
+(blended, SIG) survives any masking; before regenerating, each image keeps only its least typical
 quarter of vision tokens and the rest become the set's median token of that position
-(disp.saliency.dilute; README, "Every trigger family").
+(disp.saliency.dilute). Measured (README, "Every trigger family"): it disarms a blended trigger at
+test time on a ViT pretrained without the pixel term, not on the default ViT, which sees the
+trigger in every token.
 
 Writes, in the run directory (NAME = purified, or control_self_distill / control_as_is for a
 control), the first four as one unit (the checkpoint records the data files' sha256):
@@ -50,7 +52,8 @@ from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig, differe
 from disp.data.batching import encode_dataset
 from disp.data.dataset import VLDataset, load_dataset, save_dataset
 from disp.evaluation import encode_images_once, generate_responses, token_scores
-from disp.saliency import RULES, SALIENCY_METHODS, dilute, fit_thresholds, median_tokens, select_adaptive, select_top_ratio
+from disp.saliency import (RULES, SALIENCY_METHODS, dilute, fit_thresholds, median_tokens, select_adaptive,
+                           select_top_ratio)
 from disp.support import checkpoint, distributed, files
 from disp.support.errors import DispError, check_positive, friendly_errors
 from disp.support.figures import saliency_panels
@@ -89,8 +92,8 @@ def parse_args(argv=None):
 def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
-             "min_gap": args.min_gap, "max_masked": args.max_masked, "dilute": args.dilute, "epochs": args.epochs, "lr": args.lr,
-             "batch_size": args.batch_size, "seed": args.seed,
+             "min_gap": args.min_gap, "max_masked": args.max_masked, "dilute": args.dilute, "epochs": args.epochs,
+             "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
     return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()
 
@@ -169,8 +172,8 @@ def main(argv=None):
         t = time.time()
         with autocast(device, precision):  # greedy, steps = gen_length
             responses = distributed.run_sharded(
-                lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks, vision_transform=transform,
-                                               batch_size=settings.batch_size, device=device,
+                lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks,
+                                               vision_transform=transform, batch_size=settings.batch_size, device=device,
                                                desc=f"regenerating ({precision})" if distributed.is_main() else None),
                 every_sample)
         timings["regeneration_s"] = time.time() - t
