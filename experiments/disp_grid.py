@@ -83,18 +83,17 @@ def link_attack(cell: Path, target: Path):
 
 
 def measure(path: Path, test, triggered, limit: int) -> dict:
-    stage = path.stem if path.stem in ("backdoored", "purified") else None
-    model, tokenizer, _, state = checkpoint.load(path, stages=[stage] if stage else None)
-    bcfg = AttackConfig.from_dict(state["extra"]["attack"]).backdoor
-    precision = AttackConfig.from_dict(state["extra"]["attack"]).precision
-    with autocast(torch.device("cpu"), precision):
-        m = backdoor_metrics(model, tokenizer, test, bcfg, limit=limit, triggered=triggered)
+    """ASR, false-trigger rate, CIDEr-D and VQA of backdoored.pt or purified.pt on test[:limit]."""
+    model, tokenizer, _, state = checkpoint.load(path, stages=[path.stem])
+    attack = AttackConfig.from_dict(state["extra"]["attack"])
+    with autocast(torch.device("cpu"), attack.precision):
+        m = backdoor_metrics(model, tokenizer, test, attack.backdoor, limit=limit, triggered=triggered)
     return {k: m[k] for k in ("asr", "false_trigger_rate", "cider", "vqa_accuracy") if k in m}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    grid = ROOT / args.grid_dir if not Path(args.grid_dir).is_absolute() else Path(args.grid_dir)
+    grid, clean_checkpoint = Path(args.grid_dir).resolve(), str(Path(args.clean_checkpoint).resolve())
     triggers, targets = args.triggers.split(","), args.targets.split(",")
     for t in triggers:
         if t not in TRIGGERS:
@@ -111,7 +110,7 @@ def main(argv=None):
         for target in targets:
             cell = grid / f"{trigger}-{target}"
             if not (cell / "attack_metrics.json").exists():
-                run(["attack.py", "--run-dir", str(cell), "--clean-checkpoint", args.clean_checkpoint,
+                run(["attack.py", "--run-dir", str(cell), "--clean-checkpoint", clean_checkpoint,
                      "--trigger", trigger, "--target", target, "--eval-samples", str(args.eval_samples), *attack_extra])
             key = f"{trigger}-{target}"
             row = results.setdefault(key, {})
@@ -120,9 +119,9 @@ def main(argv=None):
             if test is None:
                 _, _, config, _ = checkpoint.load(cell / "backdoored.pt", stages=["backdoored"])
                 test = load_split(config.data, config.model.image_size, "test")
+            state = checkpoint.load_state(cell / "backdoored.pt", stages=["backdoored"])
+            triggered = triggered_copy(test, AttackConfig.from_dict(state["extra"]["attack"]).backdoor)
             if "backdoored" not in row:
-                bcfg = AttackConfig.from_dict(checkpoint.load_state(cell / "backdoored.pt")["extra"]["attack"]).backdoor
-                triggered = triggered_copy(test, bcfg)
                 row["backdoored"] = measure(cell / "backdoored.pt", test, triggered, args.eval_samples)
             for name, flags in defences:
                 ddir = cell / name
@@ -130,9 +129,8 @@ def main(argv=None):
                     link_attack(cell, ddir)
                     run(["purify.py", "--run-dir", str(ddir), "--figures", "0", *flags])
                 if name not in row:
-                    bcfg = AttackConfig.from_dict(checkpoint.load_state(cell / "backdoored.pt")["extra"]["attack"]).backdoor
                     report = json.loads((ddir / "purified_report.json").read_text())
-                    row[name] = {**measure(ddir / "purified.pt", test, triggered_copy(test, bcfg), args.eval_samples),
+                    row[name] = {**measure(ddir / "purified.pt", test, triggered, args.eval_samples),
                                  "masked_samples": report["n_masked_samples"] / report["n_samples"],
                                  "trigger_masked": report.get("trigger_sample_masked_rate"),
                                  "clean_masked": report.get("clean_sample_masked_rate"),
