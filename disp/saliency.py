@@ -18,7 +18,7 @@ Selection rules:
                      score is an outlier for their prompt type, judged against the top scores of all
                      samples of that prompt type in the data being purified
 Dilution (our extension for triggers spread over the whole image, README "Every trigger family"):
-    median_tokens / dilute  replace each image's most typical vision tokens by the median token of
+    median_tokens / select_typical / dilute  replace each image's most typical vision tokens by the median token of
                      their position, keeping the `keep` fraction that differs most from it
 """
 
@@ -159,6 +159,19 @@ def median_tokens(vision_tokens):
     return vision_tokens.median(dim=0).values
 
 
+def select_typical(vision_tokens, median, keep: float):
+    """(B, n_vision) bool: the tokens dilution replaces, all but each image's ceil(keep * n_vision)
+    tokens farthest (L2) from their position's median token."""
+    check_ratio("dilution keep fraction", keep)
+    B, N, _ = vision_tokens.shape
+    k = math.ceil(keep * N)
+    distance = (vision_tokens - median).float().norm(dim=-1)  # (B, N)
+    typical = torch.ones(B, N, dtype=torch.bool, device=vision_tokens.device)
+    if k > 0:
+        typical.scatter_(1, distance.topk(k, dim=1).indices, False)
+    return typical
+
+
 def dilute(vision_tokens, median, keep: float):
     """Dilution: (B, n_vision, dim) tokens -> the same, where each image keeps the ceil(keep * n_vision)
     tokens farthest (L2) from their position's median token and every other token becomes that median.
@@ -169,11 +182,5 @@ def dilute(vision_tokens, median, keep: float):
     the trigger's share of what the model reads falls with every replaced token. The kept tokens are
     the image's unusual ones, its content; its typical ones (background) carry no answer.
     """
-    check_ratio("dilution keep fraction", keep)
-    B, N, _ = vision_tokens.shape
-    k = math.ceil(keep * N)
-    distance = (vision_tokens - median).float().norm(dim=-1)  # (B, N)
-    kept = torch.zeros(B, N, dtype=torch.bool, device=vision_tokens.device)
-    if k > 0:
-        kept.scatter_(1, distance.topk(k, dim=1).indices, True)
-    return torch.where(kept[..., None], vision_tokens, median.to(vision_tokens.dtype))
+    typical = select_typical(vision_tokens, median, keep)
+    return torch.where(typical[..., None], median.to(vision_tokens.dtype), vision_tokens)

@@ -24,7 +24,7 @@ from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
 from disp.data.splits import load_split  # noqa: E402
 from disp.evaluation import backdoor_metrics, encode_images_once  # noqa: E402
-from disp.saliency import dilute, median_tokens  # noqa: E402
+from disp.saliency import dilute, median_tokens, select_typical  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import DispError, friendly_errors  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
@@ -32,11 +32,9 @@ from disp.support.runtime import autocast  # noqa: E402
 
 def hidden_positions(model, dataset, median, keep: float):
     """(N_samples, n_vision) bool: the positions dilution would replace, per sample's image."""
-    with torch.no_grad():
-        tokens = model.encode_images(dataset.images)
-    kept = (dilute(tokens, median, keep) == tokens).all(-1)  # a kept token is unchanged
     image = torch.tensor([s["image"] for s in dataset.samples])
-    return ~kept[image]
+    tokens, rows = encode_images_once(model, dataset, image, "cpu")
+    return select_typical(tokens, median, keep)[rows]
 
 
 def main(argv=None):
@@ -48,7 +46,10 @@ def main(argv=None):
     run_dir = Path(args.run_dir)
     model, tokenizer, config, state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"])
     attack = AttackConfig.from_dict(state["extra"]["attack"])
-    keeps = [float(k) for k in args.keep.split(",")]
+    try:
+        keeps = [float(k) for k in args.keep.split(",")]
+    except ValueError:
+        raise DispError(f"--keep takes comma-separated fractions such as 0.25,0.5, got {args.keep!r}") from None
     if not all(0 <= k <= 1 for k in keeps):
         raise DispError(f"--keep fractions must be in [0, 1], got {args.keep}")
     data = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)

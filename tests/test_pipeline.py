@@ -125,6 +125,10 @@ def test_purify_with_dilution_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, t
     assert result.returncode == 0, result.stderr[-2000:]
     for row in ("| nothing | 1.00 |", "| [MASK] | 0.50 |", "| median token (dilution) | 0.50 |"):
         assert row in result.stdout
+    bad = subprocess.run([sys.executable, "experiments/mask_vs_dilute.py", "--run-dir", str(grid / "blended-refusal"),
+                          "--keep", "half"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --keep takes comma-separated fractions such as 0.25,0.5, got 'half'"]
 
 
 def test_probe_script_runs_on_the_tiny_run(tiny_pipeline, tmp_path):
