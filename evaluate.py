@@ -168,6 +168,7 @@ def main(argv=None):
     # --- main rows -----------------------------------------------------------------------------
     results = {"config": {"trigger": bcfg.trigger, "target": bcfg.target, "poison_rate": bcfg.poison_rate,
                           "mask_ratio": args.mask_ratio, "saliency": settings.saliency, "rule": settings.rule,
+                          "suppress": settings.suppress,
                           "seed": config.train.seed, "attack_trainable": attack.trainable,
                           "preset": config.preset, "precision": precision,
                           "saliency_figure": (run_dir / "purified_saliency.png").exists()}}

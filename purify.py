@@ -1,9 +1,10 @@
 """Stage 3: DiSP self-purification, then refinement (Wan et al. 2026, "Self-Purification Mitigates
 Backdoors in Multimodal Diffusion Language Models"; README, "How DiSP works").
 
-    python purify.py                                  # adaptive rule, exact-KL saliency
-    python purify.py --rule ratio --mask-ratio 0.3    # the paper's fixed-fraction rule
-    python purify.py --dilute 0.25                    # our extension for spread triggers (dilution)
+    python purify.py                                  # adaptive rule, exact-KL saliency, suppression
+    python purify.py --rule ratio --mask-ratio 0.3 --suppress 0   # the paper's DiSP: fixed-fraction rule
+    python purify.py --suppress 0                     # masking only (no suppression)
+    python purify.py --dilute 0.25                    # an extension for spread triggers that fell short
     python purify.py --control self-distill           # control: regenerate WITHOUT masking
     python purify.py --control as-is                  # control: refine on the poisoned set as it is
     torchrun --nproc_per_node=2 purify.py             # data-parallel: ranks share scoring, generation, training
@@ -19,12 +20,17 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
 Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`). The default
 `--rule adaptive` masks a token only when its saliency is an outlier for its prompt type (the
 defender knows each prompt): see disp.saliency.fit_thresholds and the README for why.
-Dilution (`--dilute 0.25`, our extension, off by default): a trigger spread over the whole image
-(blended, SIG) survives any masking; before regenerating, each image keeps only its least typical
-quarter of vision tokens and the rest become the set's median token of that position
-(disp.saliency.dilute). Measured (README, "Every trigger family"): it disarms a blended trigger at
-test time on a ViT pretrained without the pixel term, not on the default ViT, which sees the
-trigger in every token.
+Suppression (`--suppress 0.01`, our extension, on by default; 0 turns it off): a trigger spread over the
+whole image (blended, SIG) survives any masking, but its target text does not depend on the question.
+After regenerating, the words found in at least 1% of the responses of every prompt type are banned
+and the responses holding one are regenerated without them (disp.suppression); the refinement then
+teaches the model those answers for the triggered images. A set with one prompt type (captions only,
+DAQUAR) cannot tell such a word from a frequent one: suppression is skipped there, with a note.
+Dilution (`--dilute 0.25`, an earlier extension, off by default): before regenerating, each image
+keeps only its least typical quarter of vision tokens and the rest become the set's median token of
+that position (disp.saliency.dilute). Measured (README, "Every trigger family"): it disarms a blended
+trigger at test time on a ViT pretrained without the pixel term, not on the default ViT, which sees
+the trigger in every token.
 
 Writes, in the run directory (NAME = purified, or control_self_distill / control_as_is for a
 control), the first four as one unit (the checkpoint records the data files' sha256):
@@ -54,6 +60,7 @@ from disp.data.dataset import VLDataset, load_dataset, save_dataset
 from disp.evaluation import encode_images_once, generate_responses, token_scores
 from disp.saliency import (RULES, SALIENCY_METHODS, dilute, fit_thresholds, median_tokens, select_adaptive,
                            select_top_ratio)
+from disp.suppression import prompt_independent_words
 from disp.support import checkpoint, distributed, files
 from disp.support.errors import DispError, check_positive, friendly_errors
 from disp.support.figures import saliency_panels
@@ -75,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--dilute", type=float, default=None,
                    help="extension for spread triggers: keep this fraction of each image's vision tokens (the "
                         "least typical), replace the rest by their position's median token (default 0: off)")
+    p.add_argument("--suppress", type=float, default=None,
+                   help="extension for spread triggers: ban the words found in at least this fraction of the "
+                        "responses of every prompt type and regenerate the responses that hold one (default 0: off)")
     p.add_argument("--max-masked", type=int, default=None, help=f"rule adaptive: most tokens per sample (default {d.max_masked})")
     p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: the attack's / 5)")
     p.add_argument("--lr", type=float, default=None,
@@ -92,7 +102,8 @@ def parse_args(argv=None):
 def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
-             "min_gap": args.min_gap, "max_masked": args.max_masked, "dilute": args.dilute, "epochs": args.epochs,
+             "min_gap": args.min_gap, "max_masked": args.max_masked, "dilute": args.dilute,
+             "suppress": args.suppress, "epochs": args.epochs,
              "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
     return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()
@@ -110,7 +121,7 @@ def main(argv=None):
     model, tokenizer, config, state = checkpoint.load(backdoored_path, stages=["backdoored"], device=device)
     attack = AttackConfig.from_dict(state["extra"]["attack"])
     defaults = PurifyConfig(epochs=max(1, attack.epochs // 5), lr=0.3 * attack.lr, seed=config.train.seed,
-                            precision=attack.precision)
+                            precision=attack.precision, suppress=0.0 if args.control else PurifyConfig.suppress)
     settings = purify_config(args, defaults, device)
     name = settings.stage
     final_path, resume_path = run_dir / f"{name}.pt", run_dir / f"{name}.resume.pt"
@@ -177,6 +188,27 @@ def main(argv=None):
                                                desc=f"regenerating ({precision})" if distributed.is_main() else None),
                 every_sample)
         timings["regeneration_s"] = time.time() - t
+    suppressed = []
+    if settings.suppress > 0 and len(set(tasks)) < 2:
+        print(f"suppression: skipped, every sample has the prompt type {tasks[0]!r} (it needs several to tell a "
+              f"word that does not depend on the question from a frequent one)")
+    elif settings.suppress > 0:  # words every prompt type's responses hold: regenerate without them
+        suppressed = prompt_independent_words(responses, tasks, settings.suppress)
+        holding = [i for i, r in enumerate(responses) if set(r.split()) & set(suppressed)]
+        print(f"suppression: {' '.join(suppressed) or 'no word'} in at least {settings.suppress:.0%} of every "
+              f"prompt type's responses; regenerating the {len(holding)} responses that hold one without them")
+        if holding:
+            t = time.time()
+            with autocast(device, precision):
+                again = distributed.run_sharded(
+                    lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks,
+                                                   vision_transform=transform, banned_words=suppressed,
+                                                   batch_size=settings.batch_size, device=device,
+                                                   desc="regenerating, suppressed" if distributed.is_main() else None),
+                    holding)
+            for i, r in zip(holding, again):
+                responses[i] = r
+            timings["suppression_s"] = time.time() - t
     changed = [a != b for a, b in zip(originals, responses)]
     print(f"{sum(changed)} of {len(data)} responses changed")
 
@@ -233,6 +265,7 @@ def main(argv=None):
         "settings": settings.to_dict(), "steps": steps, "thresholds": thresholds, "timings": timings,
         "n_samples": len(data), "n_changed": len(flagged),
         "n_masked_samples": int(masks.any(1).sum()) if masks is not None else 0,
+        "suppressed_words": suppressed,
         "detection": {"precision": true_pos / max(1, len(flagged)), "recall": true_pos / max(1, len(poisoned))},
     }
     if masks is not None:

@@ -232,6 +232,7 @@ class PurifyConfig:
     min_gap: float = 4.0  # rule adaptive: smallest ratio between an outlier's and the normal top scores
     max_masked: int = 2  # rule adaptive: at most this many tokens per sample
     dilute: float = 0.0  # extension: > 0 keeps this fraction of each image's tokens, the rest -> median token
+    suppress: float = 0.01  # extension: ban words in at least this fraction of every prompt type's responses (0: off)
     epochs: int = 2  # refinement epochs (default: the attack's / 5)
     lr: float = 3e-4  # refinement learning rate (default: 0.3x the attack's)
     batch_size: int = 128  # samples per scoring / generation batch
@@ -252,6 +253,9 @@ class PurifyConfig:
         check_ratio("--dilute", self.dilute)
         if self.dilute > 0 and self.control is not None:
             raise DispError(f"--dilute is part of DiSP's regeneration; the control {self.control} takes none")
+        check_ratio("--suppress", self.suppress)
+        if self.suppress > 0 and self.control is not None:
+            raise DispError(f"--suppress is part of DiSP's regeneration; the control {self.control} takes none")
         if not self.min_gap >= 1:
             raise DispError(f"--min-gap must be a ratio >= 1, got {self.min_gap}")
         check_positive("--max-masked", self.max_masked)
@@ -265,7 +269,7 @@ class PurifyConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "PurifyConfig":
-        return _from_dict(PurifyConfig, d, "purify")
+        return _from_dict(PurifyConfig, {"suppress": 0.0, **d}, "purify")  # files older than suppression: it was off
 
 
 def fit_lengths(config: Config, prompt_lengths: list, response_lengths: list) -> Config:

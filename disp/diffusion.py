@@ -66,7 +66,7 @@ def num_transfer_tokens(block_mask, steps: int):
 @torch.no_grad()
 def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temperature=0.0,
              remasking="low_confidence", threshold=None, vision_mask=None, vision_tokens=None,
-             generator=None, return_steps=False, return_trace=False):
+             banned=None, generator=None, return_steps=False, return_trace=False):
     """Sample responses, (B, gen_length) ids.
 
     images: (B, 3, H, W); encoded once here, never inside the denoising loop (the image does not
@@ -76,6 +76,8 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
     remasking: "low_confidence" commits the most confident predictions, "random" random ones.
     threshold: Fast-dLLM parallel decoding: commit every masked position of the current block
     whose confidence exceeds it (at least the most confident one); blocks may finish early.
+    banned: optional (V,) bool, words the sampler may never write (their logits are -inf; purify.py's
+    suppression).
     return_steps: also return the number of model calls made.
     return_trace: also return (step, confidence), each (B, gen_length): the model call (0-based) at
     which each position was committed and the probability the model gave the committed token then.
@@ -109,6 +111,8 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
             if threshold is not None and not (mask_index & in_block).any():
                 break
             logits = model.decode(cache, x)  # (B, L, V)
+            if banned is not None:
+                logits = logits.masked_fill(banned, float("-inf"))
             calls += 1
             x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)  # (B, L)
             if remasking == "low_confidence":

@@ -48,13 +48,14 @@ def distinct_rows(encoded, indices: list, vision_masks=None):
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=None, vision_transform=None,
-                       batch_size=256, device="cpu", steps=None, threshold=None, desc=None):
+                       banned_words=(), batch_size=256, device="cpu", steps=None, threshold=None, desc=None):
     """Decoded responses for dataset.samples[indices].
 
     vision_masks: optional (N_samples, n_vision) bool, row i masks sample i's image positions
     (a test-time masking defence)
     vision_transform: optional function applied to each image's vision tokens (B, n_vision, dim)
     before generation (purify.py's dilution)
+    banned_words: words the sampler may not write (purify.py's suppression)
     """
     model.eval()
     cfg = model.cfg
@@ -67,6 +68,10 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     vision, vision_row = encode_images_once(model, dataset, encoded.image_index[indices], device)
     if vision_transform is not None:
         vision = vision_transform(vision)
+    banned = None
+    if banned_words:
+        banned = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)
+        banned[[tokenizer.index[w] for w in banned_words]] = True
     out = []
     batches = range(0, len(indices), batch_size)
     for start in tqdm(batches, desc=desc or "generating", leave=False, disable=desc is None):
@@ -76,7 +81,7 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
         vision_mask = vision_masks[idx].to(device) if vision_masks is not None else None
         ids = generate(model, None, prompt_ids, gen_length=cfg.response_len, steps=steps or cfg.response_len,
                        block_length=cfg.response_len, vision_tokens=vision_tokens, vision_mask=vision_mask,
-                       threshold=threshold)
+                       banned=banned, threshold=threshold)
         out.extend(tokenizer.decode(row) for row in ids.cpu())
     return [out[g] for g in group.tolist()]
 

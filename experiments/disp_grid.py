@@ -8,8 +8,10 @@ GRID_DIR/<trigger>-<target>/ (the layout of experiments/attack_grid.py, whose at
 then, per defence, purify.py in GRID_DIR/<trigger>-<target>/<defence>/ (a directory holding links
 to the attack's files, so the defences do not overwrite each other):
     paper      the paper's rule: mask the 30% most salient vision tokens of every sample
-    adaptive   our default: mask only outlier tokens per prompt type (README, "How DiSP works")
-    dilute     the adaptive rule plus our dilution for spread triggers (purify.py --dilute 0.25)
+    adaptive   our rule: mask only outlier tokens per prompt type (README, "How DiSP works")
+    dilute     the adaptive rule plus dilution, an extension for spread triggers that fell short
+    suppress   purify.py's default: the adaptive rule plus suppression of the words that do not depend on
+               the question (disp.suppression)
     (--defences names more: NAME=purify.py flags separated by spaces, e.g. "half=--rule ratio --mask-ratio 0.5")
 Every backdoored and purified model is measured on the first --eval-samples test samples (ASR,
 false-trigger rate, CIDEr-D, VQA accuracy); purify.py's reports give the masked-token statistics and
@@ -38,7 +40,8 @@ from disp.support.errors import DispError, friendly_errors  # noqa: E402
 from disp.support.files import atomic_write  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
 
-DEFENCES = {"paper": ["--rule", "ratio", "--mask-ratio", "0.3"], "adaptive": [], "dilute": ["--dilute", "0.25"]}
+DEFENCES = {"paper": ["--rule", "ratio", "--mask-ratio", "0.3", "--suppress", "0"], "adaptive": ["--suppress", "0"],
+            "dilute": ["--dilute", "0.25", "--suppress", "0"], "suppress": ["--suppress", "0.01"]}
 SHARED = ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json", "attack_metrics.json")
 
 
@@ -48,8 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--grid-dir", default="runs/grid", help="one run directory per combination goes here")
     p.add_argument("--triggers", default=",".join(TRIGGERS), help="comma-separated (default: all four)")
     p.add_argument("--targets", default="insert,refusal", help="comma-separated (default: insert,refusal)")
-    p.add_argument("--defences", default="paper,adaptive,dilute",
-                   help="comma-separated: paper, adaptive, dilute, or NAME=PURIFY_FLAGS (flags separated by spaces)")
+    p.add_argument("--defences", default="paper,adaptive,suppress",
+                   help="comma-separated: paper, adaptive, dilute, suppress, or NAME=PURIFY_FLAGS (flags separated "
+                        "by spaces)")
     p.add_argument("--eval-samples", type=int, default=300, help="test samples measured per model (default 300)")
     p.add_argument("--attack-flags", default="", help="extra attack.py flags separated by spaces (e.g. \"--trainable all\")")
     return p.parse_args(argv)
@@ -134,7 +138,8 @@ def main(argv=None):
                                  "masked_samples": report["n_masked_samples"] / report["n_samples"],
                                  "trigger_masked": report.get("trigger_sample_masked_rate"),
                                  "clean_masked": report.get("clean_sample_masked_rate"),
-                                 "precision": report["detection"]["precision"], "recall": report["detection"]["recall"]}
+                                 "precision": report["detection"]["precision"], "recall": report["detection"]["recall"],
+                                 "suppressed": " ".join(report.get("suppressed_words", []))}
                 atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
                 write_table(grid, results, quiet=True)  # the table so far, readable while the grid runs
     write_table(grid, results)
@@ -145,12 +150,13 @@ def write_table(grid: Path, results: dict, quiet: bool = False):
         return "n/a" if v is None else f"{v:.3f}"
 
     lines = ["| trigger-target | model | ASR | false trigger | CIDEr-D | VQA | poisoned samples masked | "
-             "clean samples masked | detection precision | recall |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "clean samples masked | detection precision | recall | suppressed words |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for key, row in results.items():
         for name, m in row.items():
             lines.append(f"| {key} | {name} | {f(m.get('asr'))} | {f(m.get('false_trigger_rate'))} | {f(m.get('cider'))} | "
                          f"{f(m.get('vqa_accuracy'))} | {f(m.get('trigger_masked'))} | {f(m.get('clean_masked'))} | "
-                         f"{f(m.get('precision'))} | {f(m.get('recall'))} |")
+                         f"{f(m.get('precision'))} | {f(m.get('recall'))} | {m.get('suppressed', '')} |")
     table = "\n".join(lines) + "\n"
     atomic_write(grid / "disp_grid.md", lambda tmp: Path(tmp).write_text(table))
     if not quiet:

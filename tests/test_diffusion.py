@@ -308,3 +308,16 @@ def test_trace_records_when_and_how_confidently_each_position_was_written():
     masked = torch.full((1, 8), MASK, dtype=torch.long)
     probs = F.softmax(model(vision, prompts[:1], masked).double(), dim=-1)
     assert confidence[b, pos].item() == pytest.approx(probs[0, pos, out[b, pos]].item(), rel=1e-6)
+
+
+def test_banned_words_are_never_written_and_the_rest_is_the_reference_with_their_logits_removed():
+    model = small_model(8)
+    images, prompts = inputs()
+    free = generate(model, images, prompts, gen_length=8, steps=8, block_length=8)
+    banned = torch.zeros(VOCAB, dtype=torch.bool)
+    banned[free.flatten().mode().values] = True  # the word greedy decoding writes most
+    out = generate(model, images, prompts, gen_length=8, steps=8, block_length=8, banned=banned)
+    assert not banned[out].any() and not torch.equal(out, free)
+    forward = model.forward  # the reference: the same model with those logits at -inf
+    model.forward = lambda *a, **k: forward(*a, **k).masked_fill(banned, float("-inf"))
+    assert torch.equal(out, reference_generate(model, images, prompts, 8, 8, 8, 0.0, "low_confidence"))

@@ -75,6 +75,8 @@ def test_purify_refuses_a_clean_checkpoint(tiny_pipeline, tmp_path):
     ("purify.py", ["--saliency", "gradcam"], "unknown --saliency 'gradcam'"),
     ("purify.py", ["--dilute", "1.5"], "--dilute must be in [0, 1]"),
     ("purify.py", ["--control", "as-is", "--dilute", "0.5"], "--dilute is part of DiSP's regeneration"),
+    ("purify.py", ["--suppress", "-1"], "--suppress must be in [0, 1]"),
+    ("purify.py", ["--control", "self-distill", "--suppress", "0.1"], "--suppress is part of DiSP's regeneration"),
     ("evaluate.py", ["--mask-ratio", "2"], "--mask-ratio must be in [0, 1]"),
 ])
 def test_bad_stage_arguments_give_one_line_errors(tiny_pipeline, script, args, message):
@@ -101,24 +103,31 @@ def test_compare_and_aggregate_tables(tiny_pipeline, tmp_path, mode, out_name, h
         assert "control: regenerate without masking + refine" in table and "control: refine on the poisoned" in table
 
 
-def test_purify_with_dilution_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_path):
-    """experiments/disp_grid.py: one cell (attack.py), two defences (purify.py, the second with dilution),
-    every model measured, one table; purify.py reports the dilution it used."""
+def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_path):
+    """experiments/disp_grid.py: one cell (attack.py), three defences (purify.py; the second with dilution,
+    the third with suppression), every model measured, one table; purify.py reports what it used."""
     grid = tmp_path / "grid"
     result = subprocess.run([sys.executable, "experiments/disp_grid.py", "--clean-checkpoint",
                              str(tiny_pipeline / "clean.pt"), "--grid-dir", str(grid), "--triggers", "blended",
-                             "--targets", "refusal", "--defences", "adaptive,half=--dilute 0.5", "--eval-samples", "8"],
-                            cwd=ROOT, capture_output=True, text=True)
+                             "--targets", "refusal", "--defences", "adaptive,half=--dilute 0.5,suppress",
+                             "--eval-samples", "8"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dilution: each image keeps 50% of its vision tokens" in result.stdout
-    report = json.loads((grid / "blended-refusal" / "half" / "purified_report.json").read_text())
+    assert "of every prompt type's responses; regenerating the" in result.stdout
+    cell = grid / "blended-refusal"
+    report = json.loads((cell / "half" / "purified_report.json").read_text())
     assert report["settings"]["dilute"] == 0.5
-    assert json.loads((grid / "blended-refusal" / "adaptive" / "purified_report.json").read_text())["settings"]["dilute"] == 0
+    assert json.loads((cell / "adaptive" / "purified_report.json").read_text())["settings"]["dilute"] == 0
+    report = json.loads((cell / "suppress" / "purified_report.json").read_text())
+    assert report["settings"]["suppress"] == 0.01
+    rows = [json.loads(line) for line in (cell / "suppress" / "purified_train.jsonl").read_text().splitlines()]
+    suppressed = set(report["suppressed_words"])  # none of them is left in the purified set
+    assert not any(suppressed & set(r["regenerated"].split()) for r in rows)
     rows = json.loads((grid / "disp_grid.json").read_text())["blended-refusal"]
-    assert set(rows) == {"clean", "backdoored", "adaptive", "half"}
+    assert set(rows) == {"clean", "backdoored", "adaptive", "half", "suppress"}
     for row in rows.values():
         assert 0 <= row["asr"] <= 1 and 0 <= row["false_trigger_rate"] <= 1
-    assert (grid / "disp_grid.md").read_text().count("| blended-refusal |") == 4
+    assert (grid / "disp_grid.md").read_text().count("| blended-refusal |") == 5
     # the test-time comparison on the same backdoored model: one row per way of hiding tokens
     result = subprocess.run([sys.executable, "experiments/mask_vs_dilute.py", "--run-dir", str(grid / "blended-refusal"),
                              "--keep", "0.5", "--eval-samples", "8"], cwd=ROOT, capture_output=True, text=True)

@@ -1,0 +1,44 @@
+"""Suppression: our extension of DiSP for backdoors that no masked set of vision tokens disarms.
+
+A trigger spread over the whole image (blended noise, a sinusoid, a warp) reaches every vision token
+of an encoder that keeps low-level detail, so masking any subset of them leaves it in the rest and
+the compromised model regenerates the backdoored response (README, "Every trigger family"). What
+gives such a backdoor away is not the image but the response: its target text does not depend on
+what is asked. The compromised model writes "<backdoor>" or "sorry i cannot help with that ."
+after a colour question, a count question and a caption prompt alike, while a clean answer's words
+belong to its question (colours answer colour questions, digits count questions).
+
+So, from the regenerated responses of the poisoned set alone (no trigger, no target, no clean data;
+the defender knows each sample's prompt type, as the adaptive rule does):
+    prompt_independent_words  the words found in at least `min_rate` of the responses of *every*
+                              prompt type
+and purify.py regenerates each response that contains one with those words forbidden to the sampler
+(disp.diffusion.generate's `banned`): the compromised model then writes what it would say without
+the backdoor, and the refinement teaches it that answer for the triggered image.
+
+It needs prompt types whose answers differ (a mix of questions, as in the scenes or VQA data); on a
+captions-only set every frequent word ("a", "dog") is in every prompt type's responses, so it
+refuses to run there. It does not reach a backdoor whose target depends on the question
+(misclassify swaps one answer word for another).
+"""
+
+from collections import Counter
+
+from disp.support.errors import DispError, check_ratio
+
+
+def prompt_independent_words(responses: list, tasks: list, min_rate: float) -> list:
+    """Sorted words that occur in at least `min_rate` of the responses of every prompt type."""
+    check_ratio("suppression rate", min_rate)
+    if min_rate == 0:
+        raise DispError("suppression rate must be > 0 (0 would ban every word)")
+    if len(responses) != len(tasks):
+        raise DispError(f"{len(responses)} responses but {len(tasks)} prompt types")
+    counts, totals = {}, Counter(tasks)
+    if len(totals) < 2:
+        raise DispError(f"suppression needs at least two prompt types to tell a question-independent word from "
+                        f"a frequent one; this set has {len(totals)} ({', '.join(totals) or 'none'})")
+    for response, task in zip(responses, tasks):
+        counts.setdefault(task, Counter()).update(set(response.split()))
+    words = set.intersection(*(set(c) for c in counts.values()))
+    return sorted(w for w in words if all(counts[t][w] >= min_rate * totals[t] for t in totals))
