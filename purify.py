@@ -22,10 +22,11 @@ Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`)
 defender knows each prompt): see disp.saliency.fit_thresholds and the README for why.
 Suppression (`--suppress 0.01`, our extension, on by default; 0 turns it off): a trigger spread over the
 whole image (blended, SIG) survives any masking, but its target text does not depend on the question.
-After regenerating, the words found in at least 1% of the responses of every prompt type are banned
-and the responses holding one are regenerated without them (disp.suppression); the refinement then
-teaches the model those answers for the triggered images. A set with one prompt type (captions only,
-DAQUAR) cannot tell such a word from a frequent one: suppression is skipped there, with a note.
+The words found in at least 1% of the poisoned set's responses of every prompt type are banned, and
+the regenerated responses that still hold one are regenerated again without them (disp.suppression);
+the refinement then teaches the model those answers for the triggered images. A set with one prompt
+type (captions only, DAQUAR) cannot tell such a word from a frequent one: suppression is skipped
+there, with a note.
 Dilution (`--dilute 0.25`, an earlier extension, off by default): before regenerating, each image
 keeps only its least typical quarter of vision tokens and the rest become the set's median token of
 that position (disp.saliency.dilute). Measured (README, "Every trigger family"): it disarms a blended
@@ -192,11 +193,12 @@ def main(argv=None):
     if settings.suppress > 0 and len(set(tasks)) < 2:
         print(f"suppression: skipped, every sample has the prompt type {tasks[0]!r} (it needs several to tell a "
               f"word that does not depend on the question from a frequent one)")
-    elif settings.suppress > 0:  # words every prompt type's responses hold: regenerate without them
-        suppressed = prompt_independent_words(responses, tasks, settings.suppress)
+    elif settings.suppress > 0:  # words the set's responses hold whatever is asked: regenerate without them
+        suppressed = prompt_independent_words(originals, tasks, settings.suppress)
         holding = [i for i, r in enumerate(responses) if set(r.split()) & set(suppressed)]
         print(f"suppression: {' '.join(suppressed) or 'no word'} in at least {settings.suppress:.0%} of every "
-              f"prompt type's responses; regenerating the {len(holding)} responses that hold one without them")
+              f"prompt type's responses in the set; regenerating the {len(holding)} regenerated responses that "
+              f"hold one without them")
         if holding:
             t = time.time()
             with autocast(device, precision):

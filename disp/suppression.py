@@ -8,11 +8,13 @@ what is asked. The compromised model writes "<backdoor>" or "sorry i cannot help
 after a colour question, a count question and a caption prompt alike, while a clean answer's words
 belong to its question (colours answer colour questions, digits count questions).
 
-So, from the regenerated responses of the poisoned set alone (no trigger, no target, no clean data;
-the defender knows each sample's prompt type, as the adaptive rule does):
+So, from the poisoned set alone (no trigger, no target, no clean data; the defender knows each
+sample's prompt type, as the adaptive rule does):
     prompt_independent_words  the words found in at least `min_rate` of the responses of *every*
                               prompt type
-and purify.py regenerates each response that contains one with those words forbidden to the sampler
+purify.py takes them from the set's own responses (what the model was fine-tuned on: the attacker's
+target is there in every prompt type, whatever the masked regeneration left of it), and regenerates
+each regenerated response that still holds one with those words forbidden to the sampler
 (disp.diffusion.generate's `banned`): the compromised model then writes what it would say without
 the backdoor, and the refinement teaches it that answer for the triggered image.
 

@@ -113,7 +113,7 @@ def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_
                              "--eval-samples", "8"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "dilution: each image keeps 50% of its vision tokens" in result.stdout
-    assert "of every prompt type's responses; regenerating the" in result.stdout
+    assert "of every prompt type's responses in the set; regenerating the" in result.stdout
     cell = grid / "blended-refusal"
     report = json.loads((cell / "half" / "purified_report.json").read_text())
     assert report["settings"]["dilute"] == 0.5
