@@ -84,8 +84,9 @@ def parse_args(argv=None):
                    help="extension for spread triggers: keep this fraction of each image's vision tokens (the "
                         "least typical), replace the rest by their position's median token (default 0: off)")
     p.add_argument("--suppress", type=float, default=None,
-                   help="extension for spread triggers: ban the words found in at least this fraction of the "
-                        "responses of every prompt type and regenerate the responses that hold one (default 0: off)")
+                   help="extension for spread triggers: ban the words found in at least this fraction of the set's "
+                        "responses of every prompt type and regenerate the responses that hold one "
+                        f"(default {d.suppress}; 0: off)")
     p.add_argument("--max-masked", type=int, default=None, help=f"rule adaptive: most tokens per sample (default {d.max_masked})")
     p.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: the attack's / 5)")
     p.add_argument("--lr", type=float, default=None,

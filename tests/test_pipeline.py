@@ -121,7 +121,8 @@ def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_
     report = json.loads((cell / "suppress" / "purified_report.json").read_text())
     assert report["settings"]["suppress"] == 0.01
     rows = [json.loads(line) for line in (cell / "suppress" / "purified_train.jsonl").read_text().splitlines()]
-    suppressed = set(report["suppressed_words"])  # none of them is left in the purified set
+    suppressed = set(report["suppressed_words"])  # the refusal's words, none of them left in the purified set
+    assert suppressed and suppressed <= set("sorry i cannot help with that .".split())
     assert not any(suppressed & set(r["regenerated"].split()) for r in rows)
     rows = json.loads((grid / "disp_grid.json").read_text())["blended-refusal"]
     assert set(rows) == {"clean", "backdoored", "adaptive", "half", "suppress"}
@@ -152,3 +153,28 @@ def test_probe_script_runs_on_the_tiny_run(tiny_pipeline, tmp_path):
         assert set(row) == {"pretrained ViT", "random ViT (control)", "max pixel change", "mean pixel change"}
         assert all(0 <= a <= 1 for a in row.values())
     assert triggers["blended"]["max pixel change"] <= 0.15 + 1 / 255
+
+
+def test_suppression_regenerates_what_the_model_writes_whatever_it_sees(tiny_pipeline, tmp_path):
+    """A compromised model that writes the marker everywhere (its output bias for `<backdoor>` raised):
+    purify.py finds the marker as the poisoned set's question-independent word, and no regenerated
+    response keeps it; with suppression off, they all do."""
+    import torch
+
+    for name in ("poisoned_train.pt", "poison_manifest.json"):
+        (tmp_path / name).write_bytes((tiny_pipeline / name).read_bytes())
+    state = torch.load(tiny_pipeline / "backdoored.pt", weights_only=False)
+    marker = state["tokenizer"]["words"].index("<backdoor>")
+    state["model"]["lm_head.bias"][marker] += 100.0
+    torch.save(state, tmp_path / "backdoored.pt")
+    kept = {}
+    for rate in ("0.01", "0"):
+        result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(tmp_path), "--figures", "0",
+                                 "--suppress", rate, "--epochs", "1"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = [json.loads(line) for line in (tmp_path / "purified_train.jsonl").read_text().splitlines()]
+        kept[rate] = sum("<backdoor>" in r["regenerated"].split() for r in rows)
+        if rate == "0.01":
+            assert json.loads((tmp_path / "purified_report.json").read_text())["suppressed_words"] == ["<backdoor>"]
+            assert f"regenerating the {len(rows)} regenerated responses" in result.stdout
+    assert kept == {"0.01": 0, "0": len(rows)}
