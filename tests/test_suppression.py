@@ -47,3 +47,24 @@ def test_one_word_counts_once_per_response():
 def test_bad_input_is_a_clear_error(responses, tasks, rate, message):
     with pytest.raises(DispError, match=message.replace("[", r"\[").replace("]", r"\]")):
         prompt_independent_words(responses, tasks, rate)
+
+
+def test_no_word_of_clean_scene_answers_is_in_every_prompt_type_and_a_sparse_marker_is():
+    """The README's claim about the embedded scenes: no clean answer word occurs in more than 3 of the 7
+    prompt types (shape words: captions, shape and nearest-object questions), so at any rate nothing is
+    found; a marker put before 5% of the responses, at random, is found alone."""
+    import random
+
+    from disp.data.scenes import generate_scenes
+
+    samples = generate_scenes(2000, seed=0, questions_per_image=4).samples
+    responses, tasks = [s["response"] for s in samples], [s["task"] for s in samples]
+    types_per_word = {}
+    for response, task in zip(responses, tasks):
+        for word in response.split():
+            types_per_word.setdefault(word, set()).add(task)
+    assert len(set(tasks)) == 7 and max(len(t) for t in types_per_word.values()) == 3
+    assert prompt_independent_words(responses, tasks, 1e-9) == []
+    rng = random.Random(0)
+    poisoned = [("<m> " + r) if rng.random() < 0.05 else r for r in responses]
+    assert prompt_independent_words(poisoned, tasks, 0.01) == ["<m>"]
