@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/default", help="run directory with clean.pt")
     p.add_argument("--words", type=int, default=50, help="words probed (default 50)")
-    p.add_argument("--steps", type=int, default=300, help="probe training steps (default 300)")
+    # 300 steps had not converged: WaNet on the scenes read 0.938 there, 0.978 from 2,000 steps on
+    p.add_argument("--steps", type=int, default=2000, help="probe training steps, full batch (default 2000)")
     p.add_argument("--fit-images", type=int, default=2000,
                    help="training images the trigger probe is fitted on, each clean and triggered (default 2000)")
     p.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
