@@ -208,7 +208,7 @@ def main(argv=None):
                 fit_idx = list(range(min(len(poisoned_train.samples), 400)))
                 train_scores = scores(poisoned_train, fit_idx, method)
             thresholds = fit_thresholds(train_scores[fit_idx], [poisoned_train.samples[i]["task"] for i in fit_idx],
-                                        settings.min_gap)
+                                        settings.max_valley)
             rules["adaptive"] = lambda s: select_adaptive(s, tasks, thresholds, settings.max_masked)
         for rule, select in rules.items():
             label = f"test-time {method} masking ({rule})" if method != "attention" else "test-time CleanSight pruning (ratio)"

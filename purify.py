@@ -19,7 +19,8 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
 
 Selection rule. The paper masks a fixed fraction of every image (`--rule ratio`). The default
 `--rule adaptive` masks a token only when its saliency is an outlier for its prompt type (the
-defender knows each prompt): see disp.saliency.fit_thresholds and the README for why.
+defender knows each prompt): the samples' top scores of a prompt type form two groups, the higher
+one poisoned; see disp.saliency.fit_thresholds and the README for why.
 Suppression (`--suppress 0.01`, our extension, on by default; 0 turns it off): a trigger spread over the
 whole image (blended, SIG) survives any masking, but its target text does not depend on the question.
 The words found in at least 1% of the poisoned set's responses of every prompt type are banned, and
@@ -78,8 +79,9 @@ def parse_args(argv=None):
                                                     f"occlusion KL; fisher: the release's Hutchinson estimate)")
     p.add_argument("--rule", default=None, help=f"{' | '.join(RULES)} (default {d.rule}; ratio: the paper's fixed fraction)")
     p.add_argument("--mask-ratio", type=float, default=None, help=f"rule ratio: fraction masked (default {d.mask_ratio})")
-    p.add_argument("--min-gap", type=float, default=None,
-                   help=f"rule adaptive: smallest ratio between outlier and normal top scores (default {d.min_gap})")
+    p.add_argument("--max-valley", type=float, default=None,
+                   help=f"rule adaptive: a prompt type's top scores split into two groups only where the fitted "
+                        f"density between them falls to at most this share of its peaks (default {d.max_valley})")
     p.add_argument("--dilute", type=float, default=None,
                    help="extension for spread triggers: keep this fraction of each image's vision tokens (the "
                         "least typical), replace the rest by their position's median token (default 0: off)")
@@ -104,7 +106,7 @@ def parse_args(argv=None):
 def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
-             "min_gap": args.min_gap, "max_masked": args.max_masked, "dilute": args.dilute,
+             "max_valley": args.max_valley, "max_masked": args.max_masked, "dilute": args.dilute,
              "suppress": args.suppress, "epochs": args.epochs,
              "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
@@ -166,7 +168,7 @@ def main(argv=None):
         if settings.rule == "ratio":
             masks = select_top_ratio(scores, settings.mask_ratio)
         else:
-            thresholds = fit_thresholds(scores, tasks, settings.min_gap)
+            thresholds = fit_thresholds(scores, tasks, settings.max_valley)
             masks = select_adaptive(scores, tasks, thresholds, settings.max_masked)
         print(f"masked {masks.sum().item()} tokens in {masks.any(1).sum().item()} of {len(data)} samples "
               f"({settings.rule} rule, {settings.saliency} saliency)")

@@ -83,6 +83,10 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     vision_mask_max: float = 0.15  # each SFT sample masks U(0, this) of its image positions
+    # attack.py's default epochs: how long the victim fine-tunes on the poisoned set. On photos a
+    # one-token trigger needs 60: the caption model reads the photo as a whole, and only long
+    # fine-tuning makes it attend to one corner token (README, "Real photos": 10 and 30 do not implant)
+    attack_epochs: int = 10
     eval_every: int = 1000
     eval_samples: int = 200
     checkpoint_every: int = 500
@@ -140,7 +144,8 @@ PRESETS = {
     "photo": Config(
         data=DataConfig(train_images=6000, val_images=100, test_images=1000, finetune_images=1000, min_word_count=5),
         model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0),
-        train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=3000, eval_every=1000, eval_samples=100),
+        train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=3000, eval_every=1000, eval_samples=100,
+                          attack_epochs=60),
         preset="photo",
     ),
     # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
@@ -151,7 +156,7 @@ PRESETS = {
         model=ModelConfig(image_size=128, patch_size=8, vit_dim=256, vit_depth=6, vit_heads=8, dim=384, depth=8,
                           heads=8, prompt_len=0, response_len=0),
         train=TrainConfig(vision_steps=5000, pixel_loss=1.0, sft_steps=20000, batch_size=128, lr=5e-4,
-                          eval_every=2000, eval_samples=200),
+                          eval_every=2000, eval_samples=200, attack_epochs=60),  # as photo (not measured on a GPU)
         preset="gpu-photo",
     ),
     "tiny": Config(
@@ -197,7 +202,7 @@ class AttackConfig:
 
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     trainable: str = "projector+lm"  # projector | projector+lm | all (the ViT too)
-    epochs: int = 10  # passes over the poisoned fine-tuning set
+    epochs: int = 10  # passes over the poisoned fine-tuning set (attack.py: the clean run's train.attack_epochs)
     lr: float = 1e-3  # peak learning rate (cosine schedule)
     finetune_images: int = 1000  # images of the fine-tuning set (each with its caption and questions)
     seed: int = 0  # batch order (the poisoned samples follow backdoor.seed)
@@ -229,7 +234,7 @@ class PurifyConfig:
     saliency: str = "kl"  # kl (exact occlusion) | fisher (Hutchinson estimate) | random
     rule: str = "adaptive"  # adaptive (outliers per prompt type) | ratio (the paper's fixed fraction)
     mask_ratio: float = 0.3  # rule ratio: fraction of the vision tokens masked
-    min_gap: float = 4.0  # rule adaptive: smallest ratio between an outlier's and the normal top scores
+    max_valley: float = 0.25  # rule adaptive: deepest valley (relative density) that still splits two groups
     max_masked: int = 2  # rule adaptive: at most this many tokens per sample
     dilute: float = 0.0  # extension: > 0 keeps this fraction of each image's tokens, the rest -> median token
     suppress: float = 0.01  # extension: ban words in at least this fraction of every prompt type's responses (0: off)
@@ -256,8 +261,7 @@ class PurifyConfig:
         check_ratio("--suppress", self.suppress)
         if self.suppress > 0 and self.control is not None:
             raise DispError(f"--suppress is part of DiSP's regeneration; the control {self.control} takes none")
-        if not self.min_gap >= 1:
-            raise DispError(f"--min-gap must be a ratio >= 1, got {self.min_gap}")
+        check_ratio("--max-valley", self.max_valley)
         check_positive("--max-masked", self.max_masked)
         check_positive("--epochs", self.epochs)
         check_positive("--lr", self.lr)
@@ -269,7 +273,9 @@ class PurifyConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "PurifyConfig":
-        return _from_dict(PurifyConfig, {"suppress": 0.0, **d}, "purify")  # files older than suppression: it was off
+        d = {"suppress": 0.0, **d}  # files older than suppression: it was off
+        d.pop("min_gap", None)  # files older than the two-group rule (its gap test): read with today's rule
+        return _from_dict(PurifyConfig, d, "purify")
 
 
 def fit_lengths(config: Config, prompt_lengths: list, response_lengths: list) -> Config:

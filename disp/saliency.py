@@ -15,8 +15,8 @@ token, P_i the same with token i replaced by the [MASK] embedding.
 Selection rules:
     select_top_ratio  the paper's rule: mask the floor(ratio * n_vision) most salient tokens
     fit_thresholds / select_adaptive  ours (README, "How DiSP works"): mask only tokens whose
-                     score is an outlier for their prompt type, judged against the top scores of all
-                     samples of that prompt type in the data being purified
+                     score falls in a second, higher group of their prompt type's top scores, judged
+                     against all samples of that prompt type in the data being purified
 Dilution (our extension for triggers spread over the whole image, README "Every trigger family"):
     median_tokens / select_typical / dilute  replace each image's most typical vision tokens by the median token of
                      their position, keeping the `keep` fraction that differs most from it
@@ -104,31 +104,60 @@ def select_top_ratio(scores, ratio: float):
     return mask
 
 
-def fit_thresholds(scores, tasks, min_gap: float = 4.0):
-    """Per prompt type, a saliency threshold at the widest gap among the samples' top token scores.
+def two_groups(x, iters: int = 200):
+    """A mixture of two 1-D Gaussians fitted to x (N,) by EM, started from a large low group and a
+    small high one. -> (weights (2,), means (2,), stds (2,)), the low group first; stds >= 0.05."""
+    x = x.double()
+    weights = torch.tensor([0.8, 0.2], dtype=torch.double)
+    means = torch.stack([x.quantile(0.25), x.quantile(0.95)])
+    stds = (x.std() / 2).clamp_min(0.05).repeat(2)
+    for _ in range(iters):
+        log_p = -0.5 * ((x[:, None] - means) / stds) ** 2 - stds.log() + weights.log()  # (N, 2), up to a constant
+        resp = torch.softmax(log_p, dim=1)
+        n = resp.sum(0) + 1e-12
+        weights = n / n.sum()
+        means = (resp * x[:, None]).sum(0) / n
+        stds = ((resp * (x[:, None] - means) ** 2).sum(0) / n).sqrt().clamp_min(0.05)
+    order = means.argsort()
+    return weights[order], means[order], stds[order]
 
-    A trigger token's occlusion KL stands far above a clean token's, so the top scores of a prompt
-    type split into two groups (README, "How DiSP works", has the measured scores and why the
-    default minimum gap is 4x). We sort the per-sample maxima on a log scale and take the widest
-    gap above their median (so up to half the samples may be poisoned); if that gap is narrower
-    than `min_gap` (a ratio), nothing of that prompt type is an outlier and its threshold is +inf. Per prompt type, because caption
-    prompts have far larger per-token KL than one-word VQA answers: one global threshold would mix
-    two scales. The defender knows each sample's prompt, nothing else.
+
+def fit_thresholds(scores, tasks, max_valley: float = 0.25):
+    """Per prompt type, a saliency threshold in the valley between two groups of top token scores.
+
+    A trigger token's occlusion KL stands far above a clean token's, so the samples' top scores
+    (log scale) form two groups: the clean majority and the poisoned samples. We fit a mixture of
+    two Gaussians and put the threshold where the fitted density between the two means is lowest,
+    if that valley is at most `max_valley` of the density at the lower of the two means (a real
+    second group, not a tail of one skewed group) and the high group holds at most half of the
+    samples; otherwise nothing of that prompt type is an outlier and its threshold is +inf. The
+    README ("How DiSP works") has the measured valleys and why 0.25. Per prompt type, because
+    caption prompts have far larger per-token KL than one-word VQA answers: one global threshold
+    would mix two scales. The defender knows each sample's prompt, nothing else.
     """
-    if min_gap < 1:
-        raise DispError(f"min gap must be a ratio >= 1, got {min_gap}")
+    check_ratio("max valley", max_valley)
     out = {}
     top = scores.max(dim=1).values.clamp_min(1e-12).log()  # (N,)
     for task in sorted(set(tasks)):
-        values = top[torch.tensor([t == task for t in tasks])].sort().values
-        upper = values[len(values) // 2:]
-        out[task] = math.inf
-        if len(upper) >= 2:
-            gaps = upper[1:] - upper[:-1]
-            widest = int(gaps.argmax())
-            if gaps[widest] >= math.log(min_gap):
-                out[task] = math.exp((upper[widest] + upper[widest + 1]).item() / 2)  # geometric midpoint
+        valley, threshold = valley_split(top[torch.tensor([t == task for t in tasks])])
+        out[task] = threshold if valley <= max_valley else math.inf
     return out
+
+
+def valley_split(log_top):
+    """(N,) log top scores of one prompt type -> (valley, threshold): the fitted two-group density at
+    its lowest point between the groups' means, over its density at the lower of the two means, and
+    that point in score units. (inf, inf) when there are fewer than 8 samples or the high group holds
+    more than half of them."""
+    if len(log_top) < 8:  # too few samples to see two groups
+        return math.inf, math.inf
+    weights, means, stds = two_groups(log_top)
+    if weights[1] > 0.5:
+        return math.inf, math.inf
+    grid = torch.linspace(means[0].item(), means[1].item(), 401, dtype=torch.double)
+    density = (weights / stds * torch.exp(-0.5 * ((grid[:, None] - means) / stds) ** 2)).sum(1)
+    lowest = int(density.argmin())
+    return (density[lowest] / min(density[0], density[-1])).item(), math.exp(grid[lowest].item())
 
 
 def select_adaptive(scores, tasks, thresholds: dict, max_tokens: int = None):

@@ -9,6 +9,11 @@
    marker at the first response position, averaged over up to 200 poisoned and 200 clean training
    samples of poisoned_train.pt, with the response fully masked, and for the poisoned samples also
    with parts of their own (edited) response visible: how much the text alone gives the marker away.
+3. Where does the response look? The share of the image attention that the fully masked response
+   rows give the trigger's token(s), per text-transformer layer, as a multiple of an even spread
+   (1.0: the trigger token weighs as much as any other; a caption model reading the photo as a whole
+   dilutes a one-token trigger among all the others), for the clean and the backdoored model on the
+   poisoned samples' triggered images.
 """
 
 import argparse
@@ -42,6 +47,24 @@ def marker_probability(model, data, encoded, indices, marker_id, visible=()):
     for pos in visible:
         response[:, pos] = encoded.response_ids[idx, pos]
     return model(vision, encoded.prompt_ids[idx], response).softmax(-1)[:, 0, marker_id].mean().item()
+
+
+@torch.no_grad()
+def trigger_attention(model, data, encoded, indices, tokens):
+    """Per layer: the trigger tokens' share of the attention the masked response rows pay to the
+    image, divided by len(tokens) / n_vision (1.0 = an even spread over the image)."""
+    idx = torch.tensor(indices)
+    vision = model.encode_images(data.images[encoded.image_index[idx]])
+    cache = model.prefix(vision, encoded.prompt_ids[idx])
+    response = torch.full((len(idx), model.cfg.response_len), model.mask_id)
+    x = model.tok_embed(response) + (model.pos_fixed + model.pos_embed)[-model.cfg.response_len:]
+    n, ratios = model.cfg.n_vision, []
+    for block, context in zip(model.blocks, cache):
+        x, _, weights = block(x, context, need_weights=True)  # (B, heads, response_len, n_prefix + response_len)
+        on_image = weights[..., :n]
+        share = on_image[..., tokens].sum(-1) / on_image.sum(-1)  # (B, heads, response_len)
+        ratios.append(share.mean().item() / (len(tokens) / n))
+    return ratios
 
 
 def main():
@@ -88,6 +111,13 @@ def main():
     print(f"linear probe on the frozen ViT's trigger token(s), triggered vs clean test images: {accuracy:.3f}")
     for name, value in rows.items():
         print(f"P({bcfg.marker} at position 0), {name}: {value:.3f}")
+
+    # 3. the response's attention on the trigger token(s), clean vs backdoored model, triggered images
+    clean_model = checkpoint.load(run / "clean.pt", stages=["clean"])[0]
+    for name, m in (("clean", clean_model), ("backdoored", model)):
+        ratios = trigger_attention(m, data, encoded, pois, tokens)
+        print(f"attention of the masked response on the trigger token(s) / an even spread, {name} model, "
+              f"layers 1-{len(ratios)}: " + " ".join(f"{r:.2f}" for r in ratios))
 
 
 if __name__ == "__main__":

@@ -155,6 +155,47 @@ def test_probe_script_runs_on_the_tiny_run(tiny_pipeline, tmp_path):
     assert triggers["blended"]["max pixel change"] <= 0.15 + 1 / 255
 
 
+def test_photo_backdoor_script_runs_on_the_tiny_run(tiny_pipeline):
+    result = subprocess.run([sys.executable, "experiments/photo_backdoor.py", "--run-dir", str(tiny_pipeline)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("P(<backdoor> at position 0)") for line in lines) == 5
+    attention = [line for line in lines if line.startswith("attention of the masked response")]
+    assert len(attention) == 2  # clean and backdoored model, one ratio per text-transformer layer
+    depth = checkpoint.load(tiny_pipeline / "clean.pt")[2].model.depth
+    assert all(len(line.split(": ")[1].split()) == depth for line in attention)
+
+
+def test_trigger_attention_is_the_share_of_the_image_attention(tiny_pipeline):
+    """The ratio against a naive count: the last layer's weights from the model's own forward pass; and
+    ratios of a partition of the image, weighted by size, average to exactly 1."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from photo_backdoor import trigger_attention
+
+    from disp.data.batching import encode_dataset
+    from disp.data.dataset import load_dataset
+
+    model, tokenizer, config, _ = checkpoint.load(tiny_pipeline / "backdoored.pt")
+    data = load_dataset(tiny_pipeline / "poisoned_train.pt", image_size=config.model.image_size)
+    encoded = encode_dataset(data, tokenizer, model.cfg)
+    n, indices, tokens = model.cfg.n_vision, [0, 1, 2, 3], [0, 5]
+    ratios = trigger_attention(model, data, encoded, indices, tokens)
+    rest = trigger_attention(model, data, encoded, indices, [t for t in range(n) if t not in tokens])
+    for r, q in zip(ratios, rest):
+        assert abs(len(tokens) / n * r + (n - len(tokens)) / n * q - 1) < 1e-5
+    idx = torch.tensor(indices)
+    with torch.no_grad():
+        vision = model.encode_images(data.images[encoded.image_index[idx]])
+        response = torch.full((len(idx), model.cfg.response_len), model.mask_id)
+        _, weights = model(vision, encoded.prompt_ids[idx], response, need_weights=True)
+    image = weights[..., :n]  # the last layer's attention, from the model's own decode
+    expected = (image[..., tokens].sum(-1) / image.sum(-1)).mean().item() / (len(tokens) / n)
+    assert abs(ratios[-1] - expected) < 1e-5
+
+
 def test_suppression_regenerates_what_the_model_writes_whatever_it_sees(tiny_pipeline, tmp_path):
     """A compromised model that writes the marker everywhere (its output bias for `<backdoor>` raised):
     purify.py finds the marker as the poisoned set's question-independent word, and no regenerated

@@ -1,12 +1,14 @@
 """Saliency scores and selection rules against plain references written here."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from disp.support.errors import DispError
 from disp.saliency import (attention_scores, dilute, fit_thresholds, median_tokens, saliency_fisher, saliency_kl,
-                           select_adaptive, select_top_ratio)
+                           select_adaptive, select_top_ratio, two_groups, valley_split)
 from tests.conftest import MASK, inputs, small_model
 
 
@@ -67,29 +69,61 @@ def test_attention_pruning_prunes_exactly_k_tokens_and_scores_are_a_distribution
     assert (select_top_ratio(scores, 0.1).sum(1) == 3).all()
 
 
-def test_adaptive_rule_splits_top_scores_at_the_widest_gap_per_prompt_type():
+def test_adaptive_rule_splits_top_scores_into_two_groups_per_prompt_type():
     torch.manual_seed(0)
-    clean = torch.rand(10, 36) * 0.3  # top scores between ~0.2 and 0.3
-    poisoned = clean[:3].clone()
-    poisoned[:, 0] = torch.tensor([20.0, 25.0, 30.0])  # a trigger token, orders of magnitude above
-    captions = torch.rand(6, 36) * 50  # a prompt type with larger scores and no outlier
+    clean = torch.rand(40, 36) * 0.3  # top scores between ~0.25 and 0.3
+    poisoned = clean[:10].clone()
+    poisoned[:, 0] = torch.linspace(20.0, 30.0, 10)  # a trigger token, orders of magnitude above
+    captions = torch.rand(20, 36) * 50  # a prompt type with larger scores and no second group
     scores = torch.cat([clean, poisoned, captions])
-    tasks = ["color"] * 13 + ["caption"] * 6
-    thresholds = fit_thresholds(scores, tasks, min_gap=10)
+    tasks = ["color"] * 50 + ["caption"] * 20
+    thresholds = fit_thresholds(scores, tasks)
     assert 0.3 < thresholds["color"] < 20 and thresholds["caption"] == float("inf")
     mask = select_adaptive(scores, tasks, thresholds, max_tokens=2)
-    assert mask[:10].sum() == 0 and mask[16:].sum() == 0
-    assert mask[10:13].sum(1).tolist() == [1, 1, 1] and mask[10:13, 0].all()
+    assert mask[:40].sum() == 0 and mask[50:].sum() == 0
+    assert mask[40:50].sum(1).tolist() == [1] * 10 and mask[40:50, 0].all()
     # at most max_tokens per sample, the highest-scoring ones
     many = scores.clone()
-    many[10, 1:4] = torch.tensor([21.0, 22.0, 23.0])
+    many[40, 1:4] = torch.tensor([21.0, 22.0, 23.0])
     capped = select_adaptive(many, tasks, thresholds, max_tokens=2)
-    assert capped[10].nonzero().flatten().tolist() == [2, 3]
-    assert select_adaptive(many, tasks, thresholds)[10].sum() == 4  # no cap: every outlier
-    # no gap of 10x anywhere -> nothing is masked
-    assert fit_thresholds(clean, ["color"] * 10, min_gap=10) == {"color": float("inf")}
-    with pytest.raises(DispError, match="min gap"):
-        fit_thresholds(clean, ["color"] * 10, min_gap=0.5)
+    assert capped[40].nonzero().flatten().tolist() == [2, 3]
+    assert select_adaptive(many, tasks, thresholds)[40].sum() == 4  # no cap: every outlier
+    # one group only, or too few samples, or a "high group" holding most samples -> nothing is masked
+    assert fit_thresholds(clean, ["color"] * 40) == {"color": float("inf")}
+    assert fit_thresholds(scores[35:42], ["color"] * 7) == {"color": float("inf")}
+    assert fit_thresholds(torch.cat([clean[:8], poisoned]), ["color"] * 18) == {"color": float("inf")}
+    with pytest.raises(DispError, match="max valley"):
+        fit_thresholds(clean, ["color"] * 40, max_valley=1.5)
+
+
+def test_adaptive_rule_finds_a_trigger_group_whose_tail_meets_the_clean_tail():
+    """Photos: clean top scores spread over two orders of magnitude and their tail reaches the trigger
+    group's, so no empty gap separates them (the earlier rule found none); the two groups still show."""
+    g = torch.Generator().manual_seed(0)
+    clean_top = torch.exp(torch.randn(4000, generator=g) * 1.2 - 1.0)  # median 0.37 nats, 99th pct ~6
+    trigger_top = torch.exp(torch.randn(1000, generator=g) * 0.3 + 2.7)  # median 15 nats, 1st pct ~7
+    tops = torch.cat([clean_top, trigger_top])
+    scores = torch.cat([tops[:, None], torch.full((5000, 63), 1e-3)], dim=1)  # token 0 is each sample's top
+    sorted_log = tops.log().sort().values
+    assert (sorted_log[1:] - sorted_log[:-1]).max() < math.log(4)  # no 4x gap anywhere
+    thresholds = fit_thresholds(scores, ["caption"] * 5000)
+    masked = select_adaptive(scores, ["caption"] * 5000, thresholds, 2).any(1)
+    assert masked[4000:].float().mean() > 0.97 and masked[:4000].float().mean() < 0.02
+    # a single skewed group (the same clean scores with a heavier upper tail) is not split
+    skewed = torch.cat([clean_top, torch.exp(torch.rand(1000, generator=g) * 4 - 1.0)])
+    assert fit_thresholds(torch.cat([skewed[:, None], torch.full((5000, 63), 1e-3)], 1), ["caption"] * 5000) == \
+        {"caption": float("inf")}
+
+
+def test_two_groups_recovers_a_known_mixture():
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(3000, generator=g) * 0.8 - 1.0, torch.randn(1000, generator=g) * 0.3 + 3.0])
+    weights, means, stds = two_groups(x)
+    assert torch.allclose(weights, torch.tensor([0.75, 0.25], dtype=torch.double), atol=0.02)
+    assert torch.allclose(means, torch.tensor([-1.0, 3.0], dtype=torch.double), atol=0.06)
+    assert torch.allclose(stds, torch.tensor([0.8, 0.3], dtype=torch.double), atol=0.05)
+    valley, threshold = valley_split(x)
+    assert valley < 0.01 and 0.5 < math.log(threshold) < 2.5
 
 
 def test_dilution_keeps_each_images_least_typical_tokens_and_replaces_the_rest_by_the_median():
