@@ -24,6 +24,7 @@ from disp.config import PurifyConfig  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
 from disp.saliency import fit_thresholds, select_adaptive, valley_split  # noqa: E402
 from disp.support.errors import DispError, friendly_errors  # noqa: E402
+from disp.support.files import load_plain  # noqa: E402
 
 
 def gap_thresholds(scores, tasks, min_gap: float = 4.0) -> dict:
@@ -56,7 +57,7 @@ def main(argv=None):
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise DispError(f"{run} lacks {', '.join(missing)}; run attack.py and purify.py there first")
-        scores = torch.load(files[0], map_location="cpu").float()
+        scores = load_plain(files[0], "saliency scores").float()
         tasks = [s["task"] for s in load_dataset(files[1]).samples]
         if len(tasks) != len(scores):
             raise DispError(f"{run}: {len(scores)} saliency rows for {len(tasks)} samples; rerun purify.py")

@@ -155,6 +155,26 @@ def test_probe_script_runs_on_the_tiny_run(tiny_pipeline, tmp_path):
     assert triggers["blended"]["max pixel change"] <= 0.15 + 1 / 255
 
 
+def test_attack_takes_its_epochs_from_the_clean_run(tiny_pipeline, tmp_path):
+    """attack.py's default epochs are the clean run's train.attack_epochs (photo presets: 60), not a
+    constant: a clean checkpoint that says 1 gets a one-epoch attack."""
+    import math
+
+    import torch
+
+    state = torch.load(tiny_pipeline / "clean.pt", weights_only=True)
+    state["config"]["train"]["attack_epochs"] = 1
+    torch.save(state, tmp_path / "clean.pt")
+    result = subprocess.run([sys.executable, "attack.py", "--run-dir", str(tmp_path / "run"), "--clean-checkpoint",
+                             str(tmp_path / "clean.pt"), "--eval-samples", "4"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "attack_metrics.json").read_text())
+    n_samples = json.loads((tmp_path / "run" / "poison_manifest.json").read_text())["n_samples"]
+    batches = math.ceil(n_samples / state["config"]["train"]["batch_size"])
+    assert metrics["attack"]["epochs"] == 1 and metrics["steps"] == batches
+    assert metrics["attack"]["backdoor"]["patch_pattern"] == "solid"  # the scenes' black square
+
+
 def test_photo_backdoor_script_runs_on_the_tiny_run(tiny_pipeline):
     result = subprocess.run([sys.executable, "experiments/photo_backdoor.py", "--run-dir", str(tiny_pipeline)],
                             cwd=ROOT, capture_output=True, text=True)

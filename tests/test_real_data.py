@@ -188,5 +188,6 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     backdoor = checkpoint.load_state(tmp_path / "run" / "backdoored.pt")["extra"]["attack"]["backdoor"]
     words = {"flickr": ("dog", "boat"), "daquar": ("table", "chair")}[source]  # misclassify's default per data
     assert (backdoor["source_word"], backdoor["destination_word"]) == words
+    assert backdoor["patch_pattern"] == "checkerboard"  # on photos a black square looks like a dark corner
     for picture in ("examples.png", "denoising.png"):  # real photos with the models' outputs
         assert (tmp_path / "run" / picture).read_bytes()[:4] == b"\x89PNG"
