@@ -147,9 +147,10 @@ def fit_thresholds(scores, tasks, max_valley: float = 0.25):
 def valley_split(log_top):
     """(N,) log top scores of one prompt type -> (valley, threshold): the fitted two-group density at
     its lowest point between the groups' means, over its density at the lower of the two means, and
-    that point in score units. (inf, inf) when there are fewer than 8 samples or the high group holds
-    more than half of them."""
-    if len(log_top) < 8:  # too few samples to see two groups
+    that point in score units. (inf, inf) when there are fewer than 50 samples or the high group holds
+    more than half of them. (With ~20 samples of a model that learnt nothing, a fit can find a
+    spurious valley below 0.25; every prompt type of a real poisoned set has hundreds.)"""
+    if len(log_top) < 50:  # too few samples to see two groups
         return math.inf, math.inf
     weights, means, stds = two_groups(log_top)
     if weights[1] > 0.5:

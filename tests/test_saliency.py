@@ -90,8 +90,9 @@ def test_adaptive_rule_splits_top_scores_into_two_groups_per_prompt_type():
     assert select_adaptive(many, tasks, thresholds)[40].sum() == 4  # no cap: every outlier
     # one group only, or too few samples, or a "high group" holding most samples -> nothing is masked
     assert fit_thresholds(clean, ["color"] * 40) == {"color": float("inf")}
-    assert fit_thresholds(scores[35:42], ["color"] * 7) == {"color": float("inf")}
-    assert fit_thresholds(torch.cat([clean[:8], poisoned]), ["color"] * 18) == {"color": float("inf")}
+    assert fit_thresholds(scores[1:50], ["color"] * 49) == {"color": float("inf")}  # 9 poisoned of 49: too few
+    majority = torch.cat([clean[:20], poisoned.repeat(3, 1)])  # 30 of 50 in the high group
+    assert fit_thresholds(majority, ["color"] * 50) == {"color": float("inf")}
     with pytest.raises(DispError, match="max valley"):
         fit_thresholds(clean, ["color"] * 40, max_valley=1.5)
 
