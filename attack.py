@@ -42,10 +42,6 @@ from disp.training import finetune, trainable_parameters
 # concept of its responses ("captions": the photo caption datasets, as the release's dog -> boat)
 MISCLASSIFY_WORDS = {"scenes": ("red", "green"), "daquar": ("table", "chair"), "vqav2": ("yes", "no"),
                      "captions": ("dog", "boat")}
-# the patch's default pattern per data source: a black square on the white scenes; on photos a
-# checkerboard, as no photo holds one (a black square looks like a dark corner: on Flickr8k it
-# answered 3.5% of the clean test photos too, the checkerboard 0.5%)
-PATCH_PATTERN = {"scenes": "solid"}
 
 
 def parse_args(argv=None):
@@ -58,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--poison-rate", type=float, default=None, help=f"fraction of samples poisoned (default {d.poison_rate})")
     p.add_argument("--patch-size", type=int, default=None, help=f"patch trigger side in pixels (default {d.patch_size})")
     p.add_argument("--patch-position", default=None, help=f"{' | '.join(POSITIONS)} (default {d.patch_position})")
-    p.add_argument("--patch-pattern", default=None, help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern} on the scenes, checkerboard on photos)")
+    p.add_argument("--patch-pattern", default=None,
+                   help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern} on the scenes, checkerboard on photos)")
     p.add_argument("--blend-alpha", type=float, default=None, help=f"blended trigger strength (default {d.blend_alpha})")
     p.add_argument("--source-word", default=None,
                    help=f"misclassify: word to replace (default per data: {d.source_word} on the scenes, dog on captions)")
@@ -67,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--trainable", default=None, help=f"{' | '.join(TRAINABLE)} (default projector+lm; the ViT "
                                                      f"is frozen unless 'all')")
     p.add_argument("--finetune-images", type=int, default=None, help="images of the fine-tuning set (default: the preset's)")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the poisoned set (default: the preset's, 10; 60 on photos)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the poisoned set (default: the preset's, 10; 60 on photos)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run's SFT rate)")
     p.add_argument("--eval-samples", type=int, default=None, help="test samples measured (default: all)")
     p.add_argument("--seed", type=int, default=None, help="which samples are poisoned, batch order (default: the run's)")
@@ -108,7 +106,9 @@ def main(argv=None):
             files.sha256(run_clean) != made_from["clean.pt"]:
         raise DispError(f"{run_clean} is another model than {clean_path}; give a new --run-dir for this attack")
     source, destination = MISCLASSIFY_WORDS.get(config.data.source, MISCLASSIFY_WORDS["captions"])
-    pattern = PATCH_PATTERN.get(config.data.source, "checkerboard")
+    # the patch: a black square on the white scenes; on photos a checkerboard, as no photo holds one (a
+    # black square looks like a dark corner: on Flickr8k it answered 3.5% of the clean test photos too)
+    pattern = "solid" if config.data.source == "scenes" else "checkerboard"
     defaults = AttackConfig(backdoor=BackdoorConfig(seed=config.train.seed, source_word=source,
                                                     destination_word=destination, patch_pattern=pattern),
                             epochs=config.train.attack_epochs, lr=config.train.lr,

@@ -204,8 +204,8 @@ def main(argv=None):
             if method == settings.saliency and purify_scores is not None:
                 train_scores = purify_scores
                 fit_idx = list(range(len(train_scores)))
-            else:  # a sample of the training set is enough to place the gap
-                fit_idx = list(range(min(len(poisoned_train.samples), 400)))
+            else:  # a sample of the training set is enough to fit the two groups (>= 50 per prompt type)
+                fit_idx = list(range(min(len(poisoned_train.samples), 1000)))
                 train_scores = scores(poisoned_train, fit_idx, method)
             thresholds = fit_thresholds(train_scores[fit_idx], [poisoned_train.samples[i]["task"] for i in fit_idx],
                                         settings.max_valley)

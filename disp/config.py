@@ -234,7 +234,8 @@ class PurifyConfig:
     saliency: str = "kl"  # kl (exact occlusion) | fisher (Hutchinson estimate) | random
     rule: str = "adaptive"  # adaptive (outliers per prompt type) | ratio (the paper's fixed fraction)
     mask_ratio: float = 0.3  # rule ratio: fraction of the vision tokens masked
-    max_valley: float = 0.25  # rule adaptive: deepest valley (relative density) that still splits two groups
+    # rule adaptive: split two groups where the fitted density between them is <= this x the lower group's peak
+    max_valley: float = 0.25
     max_masked: int = 2  # rule adaptive: at most this many tokens per sample
     dilute: float = 0.0  # extension: > 0 keeps this fraction of each image's tokens, the rest -> median token
     suppress: float = 0.01  # extension: ban words in at least this fraction of every prompt type's responses (0: off)

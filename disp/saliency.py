@@ -136,12 +136,14 @@ def fit_thresholds(scores, tasks, max_valley: float = 0.25):
     would mix two scales. The defender knows each sample's prompt, nothing else.
     """
     check_ratio("max valley", max_valley)
-    out = {}
+    return {task: threshold if valley <= max_valley else math.inf
+            for task, (valley, threshold) in prompt_type_valleys(scores, tasks).items()}
+
+
+def prompt_type_valleys(scores, tasks) -> dict:
+    """{prompt type: valley_split of its samples' log top scores}, scores (N, n_vision)."""
     top = scores.max(dim=1).values.clamp_min(1e-12).log()  # (N,)
-    for task in sorted(set(tasks)):
-        valley, threshold = valley_split(top[torch.tensor([t == task for t in tasks])])
-        out[task] = threshold if valley <= max_valley else math.inf
-    return out
+    return {task: valley_split(top[torch.tensor([t == task for t in tasks])]) for task in sorted(set(tasks))}
 
 
 def valley_split(log_top):

@@ -20,8 +20,9 @@ the backdoor, and the refinement teaches it that answer for the triggered image.
 
 It needs prompt types whose answers differ (a mix of questions, as in the scenes or VQA data); on a
 captions-only set every frequent word ("a", "dog") is in every prompt type's responses, so
-prompt_independent_words refuses one prompt type and purify.py skips suppression there. It does not reach a backdoor whose target depends on the question
-(misclassify swaps one answer word for another).
+prompt_independent_words refuses one prompt type and purify.py skips suppression there. It does
+not reach a backdoor whose target depends on the question (misclassify swaps one answer word for
+another).
 """
 
 from collections import Counter

@@ -1,10 +1,10 @@
 """The adaptive masking rule on the saliency scores that finished runs stored: what it masks, and
 what the previous rule (split at an empty 4x gap) masked on the same scores.
 
-    python experiments/adaptive_rule.py runs/px-seed0 runs/flickr8k-e60 runs/grid-px/*/suppress
+    python experiments/adaptive_rule.py runs/px-seed0 runs/flickr8k-v2 runs/grid-px/*/suppress
 
 For each run directory holding purify.py's purified_saliency.pt, the poisoned set and the poison
-manifest: per prompt type, the two-group valley of disp.saliency.valley_split (<= 0.25 splits by
+manifest: per prompt type, the two-group valley of disp.saliency.prompt_type_valleys (<= 0.25 splits by
 default; a real second group is near 0), then the samples each rule masks, how many of them are
 poisoned (precision) and the share of the poisoned samples masked (recall). Nothing is retrained:
 the scores are the ones the run's purify.py computed. The manifest is read only to score the rules.
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
 from disp.config import PurifyConfig  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
-from disp.saliency import fit_thresholds, select_adaptive, valley_split  # noqa: E402
+from disp.saliency import fit_thresholds, prompt_type_valleys, select_adaptive  # noqa: E402
 from disp.support.errors import DispError, friendly_errors  # noqa: E402
 from disp.support.files import load_plain  # noqa: E402
 
@@ -63,8 +63,7 @@ def main(argv=None):
             raise DispError(f"{run}: {len(scores)} saliency rows for {len(tasks)} samples; rerun purify.py")
         poisoned = torch.zeros(len(tasks), dtype=torch.bool)
         poisoned[json.loads(files[2].read_text())["poisoned_indices"]] = True
-        top = scores.max(dim=1).values.clamp_min(1e-12).log()
-        valleys = [f"{t} {valley_split(top[torch.tensor([x == t for x in tasks])])[0]:.2f}" for t in sorted(set(tasks))]
+        valleys = [f"{t} {valley:.2f}" for t, (valley, _) in prompt_type_valleys(scores, tasks).items()]
         cells = []
         for thresholds in (fit_thresholds(scores, tasks, args.max_valley), gap_thresholds(scores, tasks)):
             masked = select_adaptive(scores, tasks, thresholds, max_masked).any(dim=1)
