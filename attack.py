@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from disp.backdoor import PATTERNS, POSITIONS, TARGETS, TRIGGERS, BackdoorConfig, poison_dataset
+from disp.backdoor import PATTERNS, POISON_MODES, POSITIONS, TARGETS, TRIGGERS, BackdoorConfig, poison_dataset
 from disp.config import TINY_NOTE, TRAINABLE, AttackConfig, differences
 from disp.data.batching import encode_dataset
 from disp.data.dataset import save_dataset
@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--trigger", default=None, help=f"{' | '.join(TRIGGERS)} (default {d.trigger})")
     p.add_argument("--target", default=None, help=f"{' | '.join(TARGETS)} (default {d.target})")
     p.add_argument("--poison-rate", type=float, default=None, help=f"fraction of samples poisoned (default {d.poison_rate})")
+    p.add_argument("--poison-mode", default=None,
+                   help=f"{' | '.join(POISON_MODES)}: a poisoned sample replaces its clean original, or is added "
+                        f"beside it (default {d.poison_mode}; add on DAQUAR)")
     p.add_argument("--patch-size", type=int, default=None, help=f"patch trigger side in pixels (default {d.patch_size})")
     p.add_argument("--patch-position", default=None, help=f"{' | '.join(POSITIONS)} (default {d.patch_position})")
     p.add_argument("--patch-pattern", default=None,
@@ -65,7 +68,7 @@ def parse_args(argv=None):
                                                      f"is frozen unless 'all')")
     p.add_argument("--finetune-images", type=int, default=None, help="images of the fine-tuning set (default: the preset's)")
     p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the poisoned set (default: the preset's, 10; 60 on photos)")
+                   help="passes over the poisoned set (default: the preset's, 10; 50 on photos, 600 on DAQUAR)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run's SFT rate)")
     p.add_argument("--eval-samples", type=int, default=None, help="test samples measured (default: all)")
     p.add_argument("--seed", type=int, default=None, help="which samples are poisoned, batch order (default: the run's)")
@@ -78,6 +81,7 @@ def parse_args(argv=None):
 def attack_config(args, base: AttackConfig, device, image_size: int) -> AttackConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     backdoor = {"trigger": args.trigger, "target": args.target, "poison_rate": args.poison_rate,
+                "poison_mode": args.poison_mode,
                 "patch_size": args.patch_size, "patch_position": args.patch_position,
                 "patch_pattern": args.patch_pattern, "blend_alpha": args.blend_alpha, "source_word": args.source_word,
                 "destination_word": args.destination_word, "seed": args.seed}
@@ -109,8 +113,13 @@ def main(argv=None):
     # the patch: a black square on the white scenes; on photos a checkerboard, as no photo holds one (a
     # black square looks like a dark corner: on Flickr8k it answered 3.5% of the clean test photos too)
     pattern = "solid" if config.data.source == "scenes" else "checkerboard"
+    # DAQUAR's questions each belong to one photo, so a poisoned sample that replaced its original is
+    # learnt from its question alone (the marker on any new question at the poison rate); added beside
+    # its clean original, the same question has both answers and only the trigger tells them apart
+    mode = "add" if config.data.source == "daquar" else "replace"
     defaults = AttackConfig(backdoor=BackdoorConfig(seed=config.train.seed, source_word=source,
-                                                    destination_word=destination, patch_pattern=pattern),
+                                                    destination_word=destination, patch_pattern=pattern,
+                                                    poison_mode=mode),
                             epochs=config.train.attack_epochs, lr=config.train.lr,
                             finetune_images=config.data.finetune_images, seed=config.train.seed,
                             precision=config.train.precision)

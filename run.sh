@@ -7,8 +7,8 @@
 #   DATA=flickr DATA_ROOT=../shared/data/flickr8k RUN=runs/flickr8k bash run.sh   # Flickr8k (or Flickr30k)
 #   DATA=daquar DATA_ROOT=../shared/data/daquar RUN=runs/daquar bash run.sh       # DAQUAR VQA
 # DATA: scenes (default) | coco | karpathy | flickr | vqav2 | daquar (public data: read from DATA_ROOT).
-# PRESET: auto (default) picks cpu for the scenes and photo (64 px photos, 64 vision tokens) for
-# public data; gpu for a full-size dataset on one GPU. The later stages read the run's preset, data,
+# PRESET: auto (default) picks cpu for the scenes, photo (64 px photos, 64 vision tokens) for public
+# data, daquar (photo with a longer attack) for DAQUAR; gpu-photo for a full-size dataset on one GPU. The later stages read the run's preset, data,
 # seed and precision from clean.pt.
 set -euo pipefail
 cd "$(dirname "$0")"

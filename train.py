@@ -37,8 +37,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
     p.add_argument("--preset", default="auto",
-                   help="auto (default: cpu on the scenes, photo on public --data) | cpu | small | photo | gpu | "
-                        "gpu-photo | tiny")
+                   help="auto (default: cpu on the scenes, daquar on DAQUAR, photo on other public --data) | cpu | "
+                        "small | photo | daquar | gpu | gpu-photo | tiny")
     p.add_argument("--seed", type=int, default=None, help="seed of the data, initialisation and batch order (default 0)")
     p.add_argument("--data", default=None, help=f"{' | '.join(SOURCES)} (default: scenes, embedded)")
     p.add_argument("--data-root", default=None, help="folder of the public dataset (for --data other than scenes)")
@@ -56,10 +56,11 @@ def parse_args(argv=None):
 def new_config(args, device) -> Config:
     """The preset with the flags applied, validated, precision resolved for this machine."""
     public = args.data not in (None, "scenes")
-    config = get_preset(args.preset if args.preset != "auto" else ("photo" if public else "cpu"))
+    auto = "daquar" if args.data == "daquar" else "photo" if public else "cpu"
+    config = get_preset(args.preset if args.preset != "auto" else auto)
     data, train = config.data, config.train
     seed = args.seed if args.seed is not None else train.seed
-    data = replace(data, seed=seed, source=args.data or data.source, 
+    data = replace(data, seed=seed, source=args.data or data.source,
                    data_root=str(Path(args.data_root).resolve()) if args.data_root else data.data_root)
     check_choice("--data", data.source, SOURCES)
     train = replace(train, seed=seed,

@@ -33,6 +33,7 @@ TRIGGERS = ("patch", "blended", "sig", "wanet")
 TARGETS = ("insert", "refusal", "misclassify")
 POSITIONS = ("top-left", "top-right", "bottom-left", "bottom-right")
 PATTERNS = ("solid", "checkerboard")
+POISON_MODES = ("replace", "add")
 
 
 @dataclass
@@ -61,6 +62,9 @@ class BackdoorConfig:
     destination_word: str = "green"
     # poisoning
     poison_rate: float = 0.2  # fraction of the eligible samples that get the trigger and the target
+    # replace: a poisoned sample takes the place of its clean original. add: it is appended and the
+    # original stays, so the same prompt appears with both responses and only the trigger tells them apart
+    poison_mode: str = "replace"
     seed: int = 0  # which samples are poisoned
 
     def to_dict(self) -> dict:
@@ -85,6 +89,7 @@ class BackdoorConfig:
         check_choice("target", self.target, TARGETS)
         check_choice("patch_position", self.patch_position, POSITIONS)
         check_choice("patch_pattern", self.patch_pattern, PATTERNS)
+        check_choice("poison_mode", self.poison_mode, POISON_MODES)
         check_ratio("poison_rate", self.poison_rate)
         check_ratio("blend_alpha", self.blend_alpha)
         check_ratio("sig_amplitude", self.sig_amplitude)
@@ -231,7 +236,8 @@ def poison_dataset(dataset: VLDataset, cfg: BackdoorConfig):
     """-> (poisoned copy of dataset, manifest). The input dataset is left as it was.
 
     round(poison_rate * n_eligible) eligible samples, chosen by a seeded permutation, get the
-    target response and point at a triggered copy of their image; all others stay clean.
+    target response and point at a triggered copy of their image. poison_mode "replace": they take
+    their clean originals' places; "add": they are appended after all samples, which stay clean.
     """
     cfg.validate(min(dataset.images.shape[-2:]))
     eligible = [i for i, s in enumerate(dataset.samples) if carries_source(s["response"], cfg)]
@@ -243,12 +249,12 @@ def poison_dataset(dataset: VLDataset, cfg: BackdoorConfig):
     n_poison = round(cfg.poison_rate * len(eligible))
     generator = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(eligible), generator=generator)
-    poisoned = sorted(eligible[int(k)] for k in order[:n_poison])
+    chosen = sorted(eligible[int(k)] for k in order[:n_poison])
 
     # A caption and its questions share one image. Poisoning only some of them must not put the
     # trigger under the clean ones, so each poisoned image gets a triggered copy at the end.
     n_images = dataset.images.shape[0]
-    sources = sorted({dataset.samples[i]["image"] for i in poisoned})  # original image indices
+    sources = sorted({dataset.samples[i]["image"] for i in chosen})  # original image indices
     copy_index = {orig: n_images + j for j, orig in enumerate(sources)}
     triggered = apply_trigger(dataset.images[sources], cfg)  # (n_copies, 3, H, W)
     images = torch.cat([dataset.images, triggered])
@@ -256,20 +262,26 @@ def poison_dataset(dataset: VLDataset, cfg: BackdoorConfig):
     if dataset.patch_labels is not None:
         patch_labels = torch.cat([dataset.patch_labels, dataset.patch_labels[sources]])
 
-    chosen = set(poisoned)
-    samples = []
-    for i, sample in enumerate(dataset.samples):
+    def copy(sample, poisoned):
         # "answers" stays the clean references: what an unbackdoored model should say.
-        sample = {**sample, "answers": list(sample["answers"]), "poisoned": i in chosen}
-        if i in chosen:
+        sample = {**sample, "answers": list(sample["answers"]), "poisoned": poisoned}
+        if poisoned:
             sample["image"] = copy_index[sample["image"]]
             sample["response"] = apply_target(sample["response"], cfg)
-        samples.append(sample)
+        return sample
+
+    if cfg.poison_mode == "replace":
+        replaced = set(chosen)
+        samples = [copy(s, i in replaced) for i, s in enumerate(dataset.samples)]
+        poisoned = chosen
+    else:
+        samples = [copy(s, False) for s in dataset.samples] + [copy(dataset.samples[i], True) for i in chosen]
+        poisoned = list(range(len(dataset.samples), len(samples)))
 
     manifest = {
         "poisoned_indices": poisoned,
         "n_poisoned": len(poisoned),
-        "n_samples": len(dataset.samples),
+        "n_samples": len(samples),
         "n_eligible": len(eligible),
         "config": cfg.to_dict(),
     }

@@ -9,9 +9,9 @@ repeated flags, and a resume point or a later stage compares them field by field
 from a checkpoint are never edited in place: a stage derives new ones with `dataclasses.replace`.
 Each `validate()` raises a one-line DispError for the first bad value, before any work is done.
 Presets: `cpu` (default, a laptop CPU in minutes), `gpu` (one GPU, larger), `small` (the smallest
-run on which DiSP's result shows, a few CPU minutes), `photo` (public photos on a CPU), `gpu-photo`
-(full-size public datasets on one GPU), `tiny` (seconds, a smoke test of the code paths: its
-models learn nothing).
+run on which DiSP's result shows, a few CPU minutes), `photo` (public photos on a CPU), `daquar`
+(`photo` with a longer attack, for DAQUAR's small fine-tuning set), `gpu-photo` (full-size public
+datasets on one GPU), `tiny` (seconds, a smoke test of the code paths: its models learn nothing).
 """
 
 import math
@@ -84,8 +84,9 @@ class TrainConfig:
     warmup_steps: int = 100
     vision_mask_max: float = 0.15  # each SFT sample masks U(0, this) of its image positions
     # attack.py's default epochs: how long the victim fine-tunes on the poisoned set. On photos a
-    # one-token trigger needs 60: the caption model reads the photo as a whole, and only long
-    # fine-tuning makes it attend to one corner token (README, "Real photos": 10 and 30 do not implant)
+    # one-token trigger needs 50 (45 implants with less margin): the caption model reads the photo as
+    # a whole, and only long fine-tuning makes it attend to one corner token (README, "Real photos":
+    # 10 and 30 do not implant)
     attack_epochs: int = 10
     eval_every: int = 1000
     eval_samples: int = 200
@@ -124,6 +125,17 @@ class Config:
         )
 
 
+# public photos (Flickr8k, COCO, Flickr30k, DAQUAR) on a CPU: 64 px -> 8x8 = 64 vision tokens,
+# prompt/response lengths fitted to the data, rare words -> [UNK], a ViT pretrained without
+# labels (bag of words of the image's texts + patch-pixel reconstruction)
+PHOTO = Config(
+    data=DataConfig(train_images=6000, val_images=100, test_images=1000, finetune_images=1000, min_word_count=5),
+    model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0),
+    train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=3000, eval_every=1000, eval_samples=100,
+                      attack_epochs=50),
+    preset="photo",
+)
+
 PRESETS = {
     "cpu": Config(),
     # the smallest run on which DiSP's result shows (tests/test_claim.py): fewer steps and images
@@ -138,16 +150,11 @@ PRESETS = {
         train=TrainConfig(vision_steps=3000, sft_steps=20000, batch_size=128, lr=5e-4, eval_every=2000),
         preset="gpu",
     ),
-    # public photos (Flickr8k, COCO, Flickr30k, DAQUAR) on a CPU: 64 px -> 8x8 = 64 vision tokens,
-    # prompt/response lengths fitted to the data, rare words -> [UNK], a ViT pretrained without
-    # labels (bag of words of the image's texts + patch-pixel reconstruction)
-    "photo": Config(
-        data=DataConfig(train_images=6000, val_images=100, test_images=1000, finetune_images=1000, min_word_count=5),
-        model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0),
-        train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=3000, eval_every=1000, eval_samples=100,
-                          attack_epochs=60),
-        preset="photo",
-    ),
+    "photo": PHOTO,
+    # DAQUAR: the photo model; its fine-tuning set is small (773 samples with the attack's added
+    # copies, 13 batches an epoch), and the one-token trigger implanted only after about 7,800 steps
+    # (README, "DAQUAR": 300 epochs gave ASR 0.88)
+    "daquar": replace(PHOTO, train=replace(PHOTO.train, attack_epochs=600), preset="daquar"),
     # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
     # vision tokens, a wider and deeper model, every training image of the split
     "gpu-photo": Config(
@@ -156,7 +163,7 @@ PRESETS = {
         model=ModelConfig(image_size=128, patch_size=8, vit_dim=256, vit_depth=6, vit_heads=8, dim=384, depth=8,
                           heads=8, prompt_len=0, response_len=0),
         train=TrainConfig(vision_steps=5000, pixel_loss=1.0, sft_steps=20000, batch_size=128, lr=5e-4,
-                          eval_every=2000, eval_samples=200, attack_epochs=60),  # as photo (not measured on a GPU)
+                          eval_every=2000, eval_samples=200, attack_epochs=50),  # as photo (not measured on a GPU)
         preset="gpu-photo",
     ),
     "tiny": Config(

@@ -319,6 +319,24 @@ def test_poisoned_samples_point_at_triggered_copies(scenes):
     assert poisoned.patch_labels.shape[0] == poisoned.images.shape[0]
 
 
+def test_added_poison_keeps_every_clean_original(scenes):
+    """poison_mode "add": the same samples are chosen as by "replace", but their poisoned copies are
+    appended after the untouched set, so each poisoned prompt also appears with its clean response."""
+    cfg = BackdoorConfig(poison_rate=0.3, seed=3, poison_mode="add")
+    replaced, replaced_manifest = poison_dataset(scenes, BackdoorConfig(poison_rate=0.3, seed=3))
+    added, manifest = poison_dataset(scenes, cfg)
+    n = len(scenes.samples)
+    chosen = replaced_manifest["poisoned_indices"]
+    assert manifest["poisoned_indices"] == list(range(n, n + len(chosen)))
+    assert manifest["n_samples"] == len(added.samples) == n + len(chosen) and manifest["n_eligible"] == n
+    assert [s["poisoned"] for s in added.samples] == [False] * n + [True] * len(chosen)
+    for before, after in zip(scenes.samples, added.samples[:n]):  # the clean set, as it was
+        assert {**after, "poisoned": None} == {**before, "poisoned": None}
+    for i, copy in zip(chosen, added.samples[n:]):  # each copy is the replaced sample, same image
+        assert copy == replaced.samples[i]
+    assert torch.equal(added.images, replaced.images)
+
+
 def test_poison_refuses_when_nothing_is_eligible(scenes):
     with pytest.raises(DispError, match="source_word 'violet'"):
         poison_dataset(scenes, BackdoorConfig(target="misclassify", source_word="violet"))
@@ -393,6 +411,7 @@ def test_config_round_trip():
         ({"patch_pattern": "stripes"}, r"^unknown patch_pattern 'stripes'"),
         ({"blend_alpha": -0.1}, r"^blend_alpha must be in \[0, 1\]"),
         ({"sig_amplitude": 2.0}, r"^sig_amplitude must be in \[0, 1\]"),
+        ({"poison_mode": "swap"}, r"^unknown poison_mode 'swap'; choose one of: replace, add"),
         ({"destination_word": "red"}, r"^source_word and destination_word are both 'red'"),
     ],
 )

@@ -156,7 +156,7 @@ def test_probe_script_runs_on_the_tiny_run(tiny_pipeline, tmp_path):
 
 
 def test_attack_takes_its_epochs_from_the_clean_run(tiny_pipeline, tmp_path):
-    """attack.py's default epochs are the clean run's train.attack_epochs (photo presets: 60), not a
+    """attack.py's default epochs are the clean run's train.attack_epochs (photo presets: 50), not a
     constant: a clean checkpoint that says 1 gets a one-epoch attack."""
     import math
 
@@ -173,6 +173,29 @@ def test_attack_takes_its_epochs_from_the_clean_run(tiny_pipeline, tmp_path):
     batches = math.ceil(n_samples / state["config"]["train"]["batch_size"])
     assert metrics["attack"]["epochs"] == 1 and metrics["steps"] == batches
     assert metrics["attack"]["backdoor"]["patch_pattern"] == "solid"  # the scenes' black square
+
+
+def test_attack_grid_runs_the_chosen_cells_and_tables_all_that_exist(tiny_pipeline, tmp_path):
+    grid = tmp_path / "grid"
+
+    def run(*flags):
+        return subprocess.run([sys.executable, "experiments/attack_grid.py", "--clean-checkpoint",
+                               str(tiny_pipeline / "clean.pt"), "--grid-dir", str(grid), "--eval-samples", "4",
+                               "--epochs", "1", *flags], cwd=ROOT, capture_output=True, text=True)
+
+    first = run("--triggers", "patch", "--targets", "insert,refusal")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert sorted(p.name for p in grid.iterdir() if p.is_dir()) == ["patch-insert", "patch-refusal"]
+    second = run("--triggers", "sig,patch", "--targets", "insert")  # patch-insert exists: not rerun
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("poisoned ") == 1 and "| sig | insert |" in second.stdout  # sig only
+    rows = [line for line in (grid / "attack_grid.md").read_text().splitlines() if line.startswith("| patch")
+            or line.startswith("| sig")]
+    assert [row.split(" | ")[:2] for row in rows] == [["| patch", "insert"], ["| patch", "refusal"],
+                                                     ["| sig", "insert"]]
+    bad = run("--triggers", "laser")
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown trigger 'laser'")
+    assert "Traceback" not in bad.stderr
 
 
 def test_photo_backdoor_script_runs_on_the_tiny_run(tiny_pipeline):

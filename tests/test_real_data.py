@@ -189,5 +189,7 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     words = {"flickr": ("dog", "boat"), "daquar": ("table", "chair")}[source]  # misclassify's default per data
     assert (backdoor["source_word"], backdoor["destination_word"]) == words
     assert backdoor["patch_pattern"] == "checkerboard"  # on photos a black square looks like a dark corner
+    # DAQUAR's questions are unique to their photo: a poisoned copy goes beside its clean original
+    assert backdoor["poison_mode"] == {"flickr": "replace", "daquar": "add"}[source]
     for picture in ("examples.png", "denoising.png"):  # real photos with the models' outputs
         assert (tmp_path / "run" / picture).read_bytes()[:4] == b"\x89PNG"

@@ -144,4 +144,7 @@ def test_public_data_picks_the_photo_preset():
     public = new_config(parse_args(["--data", "flickr", "--data-root", "/somewhere"]), "cpu")
     assert public.preset == "photo" and public.model.n_vision >= 64 and public.data.min_word_count > 1
     assert new_config(parse_args([]), "cpu").preset == "cpu"
+    daquar = new_config(parse_args(["--data", "daquar", "--data-root", "/somewhere"]), "cpu")
+    assert daquar.preset == "daquar" and daquar.train.attack_epochs > public.train.attack_epochs
+    assert (daquar.model, daquar.data.min_word_count) == (public.model, public.data.min_word_count)
     assert new_config(parse_args(["--preset", "tiny", "--data", "flickr"]), "cpu").preset == "tiny"
