@@ -8,8 +8,8 @@
 #   DATA=daquar DATA_ROOT=../shared/data/daquar RUN=runs/daquar bash run.sh       # DAQUAR VQA
 # DATA: scenes (default) | coco | karpathy | flickr | vqav2 | daquar (public data: read from DATA_ROOT).
 # PRESET: auto (default) picks cpu for the scenes, photo (64 px photos, 64 vision tokens) for public
-# data, daquar (photo with a longer attack) for DAQUAR; gpu-photo for a full-size dataset on one GPU. The later stages read the run's preset, data,
-# seed and precision from clean.pt.
+# data, daquar (photo with a longer attack) for DAQUAR; gpu-photo for a full-size dataset on one GPU.
+# The later stages read the run's preset, data, seed and precision from clean.pt.
 set -euo pipefail
 cd "$(dirname "$0")"
 RUN=${RUN:-runs/default}
