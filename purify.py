@@ -81,7 +81,8 @@ def parse_args(argv=None):
     p.add_argument("--mask-ratio", type=float, default=None, help=f"rule ratio: fraction masked (default {d.mask_ratio})")
     p.add_argument("--max-valley", type=float, default=None,
                    help=f"rule adaptive: a prompt type's top scores split into two groups only where the fitted "
-                        f"density between them falls to at most this share of the lower group's peak (default {d.max_valley})")
+                        f"density between them falls to at most this share of the lower group's peak "
+                        f"(default {d.max_valley})")
     p.add_argument("--dilute", type=float, default=None,
                    help="extension for spread triggers: keep this fraction of each image's vision tokens (the "
                         "least typical), replace the rest by their position's median token (default 0: off)")
