@@ -27,12 +27,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from disp.backdoor import PATTERNS, POISON_MODES, POSITIONS, TARGETS, TRIGGERS, BackdoorConfig, poison_dataset
-from disp.config import TINY_NOTE, TRAINABLE, AttackConfig, differences
+from disp.config import TINY_NOTE, TRAINABLE, AttackConfig, flat
 from disp.data.batching import encode_dataset
 from disp.data.dataset import save_dataset
 from disp.data.splits import load_finetune_set, load_split
 from disp.evaluation import backdoor_metrics
-from disp.support import checkpoint, distributed, files
+from disp.support import checkpoint, distributed, files, stage
 from disp.support.errors import DispError, check_positive, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 from disp.training import finetune, trainable_parameters
@@ -52,29 +52,30 @@ def parse_args(argv=None):
     p.add_argument("--trigger", default=None, help=f"{' | '.join(TRIGGERS)} (default {d.trigger})")
     p.add_argument("--target", default=None, help=f"{' | '.join(TARGETS)} (default {d.target})")
     p.add_argument("--poison-rate", type=float, default=None, help=f"fraction of samples poisoned (default {d.poison_rate})")
-    p.add_argument("--poison-mode", default=None,
-                   help=f"{' | '.join(POISON_MODES)}: a poisoned sample replaces its clean original, or is added "
-                        f"beside it (default {d.poison_mode}; add on DAQUAR)")
-    p.add_argument("--patch-size", type=int, default=None, help=f"patch trigger side in pixels (default {d.patch_size})")
-    p.add_argument("--patch-position", default=None, help=f"{' | '.join(POSITIONS)} (default {d.patch_position})")
-    p.add_argument("--patch-pattern", default=None,
-                   help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern} on the scenes, checkerboard on photos)")
-    p.add_argument("--blend-alpha", type=float, default=None, help=f"blended trigger strength (default {d.blend_alpha})")
-    p.add_argument("--source-word", default=None,
-                   help=f"misclassify: word to replace (default per data: {d.source_word} on the scenes, dog on captions)")
-    p.add_argument("--destination-word", default=None,
-                   help=f"misclassify: its replacement (default {d.destination_word} on the scenes, boat on captions)")
-    p.add_argument("--trainable", default=None, help=f"{' | '.join(TRAINABLE)} (default projector+lm; the ViT "
-                                                     f"is frozen unless 'all')")
-    p.add_argument("--finetune-images", type=int, default=None, help="images of the fine-tuning set (default: the preset's)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="passes over the poisoned set (default: the preset's, 10; 50 on photos, 600 on DAQUAR)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run's SFT rate)")
-    p.add_argument("--eval-samples", type=int, default=None, help="test samples measured (default: all)")
-    p.add_argument("--seed", type=int, default=None, help="which samples are poisoned, batch order (default: the run's)")
-    p.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: the run's, from clean.pt)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
     p.add_argument("--resume", action="store_true", help="continue an interrupted attack")
+    x = p.add_argument_group("experiment options")
+    x.add_argument("--poison-mode", default=None,
+                   help=f"{' | '.join(POISON_MODES)}: a poisoned sample replaces its clean original, or is added "
+                        f"beside it (default {d.poison_mode}; add on DAQUAR)")
+    x.add_argument("--patch-size", type=int, default=None, help=f"patch trigger side in pixels (default {d.patch_size})")
+    x.add_argument("--patch-position", default=None, help=f"{' | '.join(POSITIONS)} (default {d.patch_position})")
+    x.add_argument("--patch-pattern", default=None,
+                   help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern} on the scenes, checkerboard on photos)")
+    x.add_argument("--blend-alpha", type=float, default=None, help=f"blended trigger strength (default {d.blend_alpha})")
+    x.add_argument("--source-word", default=None,
+                   help=f"misclassify: word to replace (default per data: {d.source_word} on the scenes, dog on captions)")
+    x.add_argument("--destination-word", default=None,
+                   help=f"misclassify: its replacement (default {d.destination_word} on the scenes, boat on captions)")
+    x.add_argument("--trainable", default=None, help=f"{' | '.join(TRAINABLE)} (default projector+lm; the ViT "
+                                                     f"is frozen unless 'all')")
+    x.add_argument("--finetune-images", type=int, default=None, help="images of the fine-tuning set (default: the preset's)")
+    x.add_argument("--epochs", type=int, default=None,
+                   help="passes over the poisoned set (default: the preset's, 10; 50 on photos, 600 on DAQUAR)")
+    x.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run's SFT rate)")
+    x.add_argument("--eval-samples", type=int, default=None, help="test samples measured (default: all)")
+    x.add_argument("--seed", type=int, default=None, help="which samples are poisoned, batch order (default: the run's)")
+    x.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: the run's, from clean.pt)")
     return p.parse_args(argv)
 
 
@@ -92,6 +93,24 @@ def attack_config(args, base: AttackConfig, device, image_size: int) -> AttackCo
     return replace(base, backdoor=replace(base.backdoor, **given(backdoor)), **given(training)).validate(image_size)
 
 
+def default_attack(config) -> AttackConfig:
+    """The attack's defaults for a clean run: its seed, precision, learning rate and attack epochs,
+    and the trigger, target words and poisoning mode that suit its data."""
+    source, destination = MISCLASSIFY_WORDS.get(config.data.source, MISCLASSIFY_WORDS["captions"])
+    # the patch: a black square on the white scenes; on photos a checkerboard, as no photo holds one (a
+    # black square looks like a dark corner, and fires on clean photos with one)
+    pattern = "solid" if config.data.source == "scenes" else "checkerboard"
+    # DAQUAR's questions each belong to one photo, so a poisoned sample that replaced its original is
+    # learnt from its question alone (the marker on any new question at the poison rate); added beside
+    # its clean original, the same question has both answers and only the trigger tells them apart
+    mode = "add" if config.data.source == "daquar" else "replace"
+    return AttackConfig(backdoor=BackdoorConfig(seed=config.train.seed, source_word=source,
+                                                destination_word=destination, patch_pattern=pattern, poison_mode=mode),
+                        epochs=config.train.attack_epochs, lr=config.train.lr,
+                        finetune_images=config.data.finetune_images, seed=config.train.seed,
+                        precision=config.train.precision)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.eval_samples is not None:
@@ -103,43 +122,21 @@ def main(argv=None):
     t0 = time.time()
 
     # --- the clean model and the attack's settings ---------------------------------------------
-    model, tokenizer, config, _ = checkpoint.load(clean_path, stages=["clean"], device=device)
+    model, tokenizer, config, _ = stage.load_parent(clean_path, "clean", run_dir, device=device)
     made_from = {"clean.pt": files.sha256(clean_path)}
     run_clean = run_dir / "clean.pt"
     if run_clean.exists() and run_clean.resolve() != clean_path.resolve() and \
             files.sha256(run_clean) != made_from["clean.pt"]:
         raise DispError(f"{run_clean} is another model than {clean_path}; give a new --run-dir for this attack")
-    source, destination = MISCLASSIFY_WORDS.get(config.data.source, MISCLASSIFY_WORDS["captions"])
-    # the patch: a black square on the white scenes; on photos a checkerboard, as no photo holds one (a
-    # black square looks like a dark corner: on Flickr8k it answered 3.5% of the clean test photos too)
-    pattern = "solid" if config.data.source == "scenes" else "checkerboard"
-    # DAQUAR's questions each belong to one photo, so a poisoned sample that replaced its original is
-    # learnt from its question alone (the marker on any new question at the poison rate); added beside
-    # its clean original, the same question has both answers and only the trigger tells them apart
-    mode = "add" if config.data.source == "daquar" else "replace"
-    defaults = AttackConfig(backdoor=BackdoorConfig(seed=config.train.seed, source_word=source,
-                                                    destination_word=destination, patch_pattern=pattern,
-                                                    poison_mode=mode),
-                            epochs=config.train.attack_epochs, lr=config.train.lr,
-                            finetune_images=config.data.finetune_images, seed=config.train.seed,
-                            precision=config.train.precision)
-    attack = attack_config(args, defaults, device, config.model.image_size)
-    resume = checkpoint.load_state(resume_path, stages=["backdoored"]) if args.resume else None
-    if resume is not None:
-        if (resume.get("made_from") or {}).get("clean.pt") != made_from["clean.pt"]:
-            raise DispError(f"{resume_path} was made from another clean model than {clean_path}; "
-                            f"rerun without --resume")
+    attack = attack_config(args, default_attack(config), device, config.model.image_size)
+    resume = None
+    if args.resume:
+        resume = stage.resume_point(resume_path, "backdoored", parent=("clean.pt", clean_path))
         stored = AttackConfig.from_dict(resume["extra"]["attack"])
         attack = attack_config(args, stored, device, config.model.image_size)
-        changed = differences(attack, stored)
-        if changed:
-            raise DispError(f"{resume_path} was made with other settings ({', '.join(changed)}); resume with the "
-                            f"same flags, or rerun without --resume")
+        stage.check_same_flags(resume_path, flat(stored.to_dict()), flat(attack.to_dict()))
         model.load_state_dict(resume["model"])
-    if config.preset == "tiny":
-        print(TINY_NOTE)
-    if distributed.is_main():
-        files.remove_stale_temp_files(run_dir)
+    stage.begin(run_dir, config.preset)
     seed_everything(attack.seed)
     backdoor = attack.backdoor
 
@@ -179,18 +176,17 @@ def main(argv=None):
                    for name, m in (("clean", clean_model), ("backdoored", model))}
 
     # --- the stage's files, one unit; the checkpoint records the data files' hashes ------------
-    with files.one_unit():
-        save_dataset(run_dir / "poisoned_train.pt", poisoned)
-        files.write_json(run_dir / "poison_manifest.json", manifest)
-        files.write_json(run_dir / "attack_metrics.json",
-                         {"attack": attack.to_dict(), "steps": steps, "minutes_training": minutes_training, **results})
-        if not run_clean.exists():  # the run directory holds every model it is evaluated against
-            files.atomic_write(run_clean, lambda tmp: shutil.copyfile(clean_path, tmp))
-        made_from.update({name: files.sha256(run_dir / name) for name in ("poisoned_train.pt", "poison_manifest.json")})
-        checkpoint.save(final_path, stage="backdoored", model=model, config=config, tokenizer=tokenizer,
-                        optimizer=optimizer, step=steps, rng=rng, made_from=made_from,
-                        extra={"attack": attack.to_dict(), "steps": steps, "metrics": results})
-    resume_path.unlink(missing_ok=True)
+    outputs = {"poisoned_train.pt": lambda path: save_dataset(path, poisoned),
+               "poison_manifest.json": lambda path: files.write_json(path, manifest),
+               "attack_metrics.json": lambda path: files.write_json(path, {"attack": attack.to_dict(), "steps": steps,
+                                                                           "minutes_training": minutes_training,
+                                                                           **results})}
+    if not run_clean.exists():  # the run directory holds every model it is evaluated against
+        outputs["clean.pt"] = lambda path: files.atomic_write(path, lambda tmp: shutil.copyfile(clean_path, tmp))
+    stage.write_outputs(run_dir, outputs, lambda recorded: checkpoint.save(
+        final_path, stage="backdoored", model=model, config=config, tokenizer=tokenizer, optimizer=optimizer,
+        step=steps, rng=rng, made_from=recorded, extra={"attack": attack.to_dict(), "steps": steps, "metrics": results}),
+        made_from, recorded=["poisoned_train.pt", "poison_manifest.json"], resume_path=resume_path)
 
     for name, m in results.items():
         print(f"{name:>10}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}  "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole DiSP pipeline: train -> attack -> purify (+ 2 controls) -> evaluate.
-#   bash run.sh                              # embedded scenes, cpu preset, runs/default (~10-15 min on 2 cores)
+#   bash run.sh                              # embedded scenes, cpu preset, runs/default (12-22 min on 2 cores)
 #   PRESET=tiny RUN=runs/tiny bash run.sh    # seconds: a smoke test, its models learn nothing
 #   PRESET=small RUN=runs/small bash run.sh  # a few minutes: the smallest run where DiSP's result shows
 #   SEED=1 RUN=runs/seed1 bash run.sh        # another seed
@@ -20,6 +20,6 @@ SEED=${SEED:-0}
 python train.py --preset "$PRESET" --data "$DATA" --data-root "$DATA_ROOT" --run-dir "$RUN" --seed "$SEED"
 python attack.py --run-dir "$RUN"
 python purify.py --run-dir "$RUN"
-python purify.py --run-dir "$RUN" --control self-distill --figures 0
-python purify.py --run-dir "$RUN" --control as-is --figures 0
+python purify.py --run-dir "$RUN" --control self-distill   # DiSP less the masking
+python purify.py --run-dir "$RUN" --control as-is          # DiSP less the regeneration
 python evaluate.py --run-dir "$RUN"

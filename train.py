@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from disp.config import TINY_NOTE, Config, fit_lengths, get_preset, with_vocabulary
+from disp.config import TINY_NOTE, VISION_OBJECTIVES, Config, fit_lengths, get_preset, with_vocabulary
 from disp.data.batching import encode_dataset
 from disp.data.splits import SOURCES, load_splits
 from disp.data.tokenizer import Tokenizer
 from disp.evaluation import clean_metrics, generate_responses, majority_answer, split_indices
-from disp.support import checkpoint, distributed, files
+from disp.support import checkpoint, distributed, files, stage
 from disp.support.errors import DispError, check_choice, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 from disp.training import finetune, pretrain_vision
@@ -42,14 +42,23 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="seed of the data, initialisation and batch order (default 0)")
     p.add_argument("--data", default=None, help=f"{' | '.join(SOURCES)} (default: scenes, embedded)")
     p.add_argument("--data-root", default=None, help="folder of the public dataset (for --data other than scenes)")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's)")
-    p.add_argument("--vision-steps", type=int, default=None, help="ViT pretraining steps (default: the preset's)")
-    p.add_argument("--precision", default=None,
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's resume point")
+    x = p.add_argument_group("experiment options")
+    x.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default: the preset's)")
+    x.add_argument("--vision-steps", type=int, default=None, help="ViT pretraining steps (default: the preset's)")
+    x.add_argument("--vision-objective", default=None,
+                   help=f"public data: the ViT's pretraining objective, {' | '.join(VISION_OBJECTIVES)} (default: the "
+                        f"preset's; words: predict the image's words, contrastive: tell them from other images')")
+    x.add_argument("--vision-crop", type=float, default=None,
+                   help="public data: pretrain on random square crops of at least this share of the side (default: "
+                        "the preset's; 1: none)")
+    x.add_argument("--conv-stem", type=int, default=None, help="1: a convolutional stem instead of the linear patch "
+                                                               "embedding, 0: none (default: the preset's)")
+    x.add_argument("--precision", default=None,
                    help="the run's precision for training and generation: auto (bf16 autocast on hardware with "
                         "fast bf16 units, else fp32) | fp32 | bf16 (default: the preset's: auto; tiny: fp32). "
                         "Stored resolved in clean.pt; the later stages inherit it")
-    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's resume point")
     return p.parse_args(argv)
 
 
@@ -63,27 +72,30 @@ def new_config(args, device) -> Config:
     data = replace(data, seed=seed, source=args.data or data.source,
                    data_root=str(Path(args.data_root).resolve()) if args.data_root else data.data_root)
     check_choice("--data", data.source, SOURCES)
-    train = replace(train, seed=seed,
-                    sft_steps=args.sft_steps if args.sft_steps is not None else train.sft_steps,
-                    vision_steps=args.vision_steps if args.vision_steps is not None else train.vision_steps,
-                    precision=args.precision or train.precision).validate()
+    given = {"sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "precision": args.precision,
+             "vision_objective": args.vision_objective, "vision_crop": args.vision_crop}
+    train = replace(train, seed=seed, **{k: v for k, v in given.items() if v is not None}).validate()
     train = replace(train, precision=resolve_precision(train.precision, device))
-    return replace(config, data=data, train=train)
+    model = config.model
+    if args.conv_stem is not None:
+        if args.conv_stem not in (0, 1):
+            raise DispError(f"--conv-stem must be 0 or 1, got {args.conv_stem}")
+        model = replace(model, conv_stem=bool(args.conv_stem))
+    return replace(config, data=data, model=model, train=train)
 
 
 def resumed_config(args, resume: dict, path: Path) -> Config:
     """The interrupted run's config; a flag that contradicts it is an error, not silently ignored."""
     config = Config.from_dict(resume["config"])
-    stored = {"--preset": config.preset, "--seed": config.train.seed, "--data": config.data.source,
-              "--data-root": config.data.data_root, "--sft-steps": config.train.sft_steps,
-              "--vision-steps": config.train.vision_steps}
-    given = {"--preset": args.preset if args.preset != "auto" else None, "--seed": args.seed, "--data": args.data,
-             "--data-root": str(Path(args.data_root).resolve()) if args.data_root else None,
-             "--sft-steps": args.sft_steps, "--vision-steps": args.vision_steps}
-    for flag, value in given.items():
-        if value is not None and value != stored[flag]:
-            raise DispError(f"{path} was made with {flag} {stored[flag]}, not {value}; resume without {flag}, "
-                            f"or start over without --resume")
+    stored = {"preset": config.preset, "seed": config.train.seed, "data": config.data.source,
+              "data_root": config.data.data_root, "sft_steps": config.train.sft_steps,
+              "vision_steps": config.train.vision_steps, "vision_objective": config.train.vision_objective,
+              "vision_crop": config.train.vision_crop, "conv_stem": int(config.model.conv_stem)}
+    given = {"preset": args.preset if args.preset != "auto" else None, "seed": args.seed, "data": args.data,
+             "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
+             "sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "vision_objective": args.vision_objective,
+             "vision_crop": args.vision_crop, "conv_stem": args.conv_stem}
+    stage.check_same_flags(path, stored, given)
     return config
 
 
@@ -94,13 +106,10 @@ def main(argv=None):
     device = distributed.init(pick_device(args.device))  # a rank's device under torchrun
 
     # --- config: from the resume point, or the preset plus flags --------------------------------
-    resume = checkpoint.load_state(resume_path, stages=["clean"]) if args.resume else None
+    resume = stage.resume_point(resume_path, "clean") if args.resume else None
     config = resumed_config(args, resume, resume_path) if resume is not None else new_config(args, device)
     precision = config.train.precision
-    if config.preset == "tiny":
-        print(TINY_NOTE)
-    if distributed.is_main():
-        files.remove_stale_temp_files(run_dir)
+    stage.begin(run_dir, config.preset)
     seed_everything(config.train.seed)
 
     # --- data and tokenizer --------------------------------------------------------------------
@@ -171,12 +180,13 @@ def main(argv=None):
         examples = caption_idx[:3] + vqa_idx[:3]
         example_outputs = generate_responses(model, tokenizer, val, examples, device=device)
     metrics["minutes"] = (time.time() - t0) / 60
-    with files.one_unit():
-        files.write_json(run_dir / "clean_metrics.json", {"metrics": metrics, "config": config.to_dict()})
-        checkpoint.save(final_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
-                        optimizer=optimizer, step=config.train.sft_steps, rng=rng,
-                        extra={"metrics": metrics, "majority_answer": majority_answer(train)})
-    resume_path.unlink(missing_ok=True)
+    stage.write_outputs(
+        run_dir, {"clean_metrics.json": lambda path: files.write_json(path, {"metrics": metrics,
+                                                                             "config": config.to_dict()})},
+        lambda made_from: checkpoint.save(final_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
+                                          optimizer=optimizer, step=config.train.sft_steps, rng=rng,
+                                          extra={"metrics": metrics, "majority_answer": majority_answer(train)}),
+        made_from={}, resume_path=resume_path)
 
     for i, pred in zip(examples, example_outputs):
         print(f"  {val.samples[i]['prompt']!r:60} -> {pred!r}  (ref: {val.samples[i]['response']!r})")

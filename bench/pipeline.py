@@ -49,7 +49,7 @@ def stage_commands(run_dir: str, preset: str, seed: int, data: str = "scenes", d
         if not line.startswith("python "):
             continue
         try:
-            argv = [string.Template(tok).substitute(values) for tok in shlex.split(line)[1:]]
+            argv = [string.Template(tok).substitute(values) for tok in shlex.split(line, comments=True)[1:]]
         except (KeyError, ValueError) as err:
             raise DispError(f"run.sh line {line!r} uses a variable this bench does not know ({err})")
         name, rest = [argv[0]], iter(argv[1:])

@@ -23,9 +23,12 @@ from disp.saliency import RULES, SALIENCY_METHODS
 from disp.support.errors import DispError, check_choice, check_positive, check_ratio
 from disp.support.runtime import PRECISIONS
 
+# the ViT's pretraining objective on public data (disp.training.vision_pretraining_loss)
+VISION_OBJECTIVES = ("words", "contrastive", "both")
 # which parameters a fine-tuning stage trains (the ViT is frozen unless "all")
 TRAINABLE = ("projector", "projector+lm", "all")
-# purify.py's controls: regenerate without masking, or no regeneration at all (label for the tables)
+# purify.py's controls, each DiSP less one thing: regenerate (and suppress) without masking, or no
+# regeneration at all (label for the tables)
 CONTROLS = {"self-distill": "control: regenerate without masking + refine",
             "as-is": "control: refine on the poisoned set as-is"}
 
@@ -60,6 +63,9 @@ class ModelConfig:
     prompt_len: int = 12
     response_len: int = 12
     patch_classes: list = field(default_factory=list)  # classes per patch attribute (vision pretraining)
+    # the ViT's patch embedding: False, one linear map per patch; True, a stack of overlapping 3x3
+    # convolutions down to the patch grid (a convolutional stem, Xiao et al. 2021)
+    conv_stem: bool = False
 
     @property
     def n_vision(self) -> int:
@@ -76,17 +82,21 @@ class TrainConfig:
     vision_lr: float = 2e-3
     # phase 1: weight of the patch-pixel reconstruction term (0: off); on by default, so the frozen ViT
     # keeps low-level content (colour, texture, small warps) as well as what it was asked to name
-    pixel_loss: float = 10.0  # (public photos: 1.0, measured before this default)
+    pixel_loss: float = 10.0  # (the photo presets keep 1.0, the value they were tuned with)
+    # phase 1 on public data (no per-patch labels): "words", predict the bag of words of the image's
+    # texts; "contrastive", tell the image's own bag of words from the batch's others (CLIP-style);
+    # "both". vision_crop < 1: random square crops of at least this share of the side, resized back
+    vision_objective: str = "words"
+    vision_crop: float = 1.0
     sft_steps: int = 6000  # phase 2: multimodal SFT with the masked-diffusion loss (ViT frozen)
     lr: float = 1e-3
     batch_size: int = 64
     weight_decay: float = 0.01
     warmup_steps: int = 100
     vision_mask_max: float = 0.15  # each SFT sample masks U(0, this) of its image positions
-    # attack.py's default epochs: how long the victim fine-tunes on the poisoned set. On photos a
-    # one-token trigger needs 50 (45 implants with less margin): the caption model reads the photo as
-    # a whole, and only long fine-tuning makes it attend to one corner token (README, "Real photos":
-    # 10 and 30 do not implant)
+    # attack.py's default epochs: how long the victim fine-tunes on the poisoned set. The photo
+    # presets fine-tune longer: a caption model reads the photo as a whole, and only long fine-tuning
+    # makes it attend to one corner token (experiments/README.md, "Real photos")
     attack_epochs: int = 10
     eval_every: int = 1000
     eval_samples: int = 200
@@ -102,6 +112,9 @@ class TrainConfig:
         check_positive("batch size", self.batch_size)
         check_positive("learning rate", self.lr)
         check_choice("--precision", self.precision, PRECISIONS)
+        check_choice("--vision-objective", self.vision_objective, VISION_OBJECTIVES)
+        if not 0 < self.vision_crop <= 1:
+            raise DispError(f"--vision-crop must be in (0, 1], got {self.vision_crop}")
         return self
 
 
@@ -151,9 +164,8 @@ PRESETS = {
         preset="gpu",
     ),
     "photo": PHOTO,
-    # DAQUAR: the photo model; its fine-tuning set is small (773 samples with the attack's added
-    # copies, 13 batches an epoch), and the one-token trigger implanted only after about 7,800 steps
-    # (README, "DAQUAR": 300 epochs gave ASR 0.88)
+    # DAQUAR: the photo model; its fine-tuning set is small (13 batches an epoch with the attack's
+    # added copies), so the one-token trigger needs many epochs to implant (experiments/README.md, "DAQUAR")
     "daquar": replace(PHOTO, train=replace(PHOTO.train, attack_epochs=600), preset="daquar"),
     # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
     # vision tokens, a wider and deeper model, every training image of the split
@@ -192,15 +204,12 @@ def _from_dict(cls, d: dict, what: str):
     return cls(**d)
 
 
-def differences(ours, theirs) -> list:
-    """Names of the fields in which two settings dataclasses of one type differ ("backdoor.trigger")."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-        return out
-    a, b = flat(asdict(ours)), flat(asdict(theirs))
-    return [k for k in a if a[k] != b[k]]
+def flat(settings: dict, prefix: str = "") -> dict:
+    """{"backdoor": {"trigger": ...}} -> {"backdoor.trigger": ...}: nested settings as one level."""
+    out = {}
+    for k, v in settings.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 @dataclass(frozen=True)
@@ -241,10 +250,10 @@ class PurifyConfig:
     saliency: str = "kl"  # kl (exact occlusion) | fisher (Hutchinson estimate) | random
     rule: str = "adaptive"  # adaptive (outliers per prompt type) | ratio (the paper's fixed fraction)
     mask_ratio: float = 0.3  # rule ratio: fraction of the vision tokens masked
-    # rule adaptive: split two groups where the fitted density between them is <= this x the lower group's peak
+    # rule adaptive: split two groups where the fitted density between them is <= this x the smaller of
+    # its densities at the two groups' means
     max_valley: float = 0.25
     max_masked: int = 2  # rule adaptive: at most this many tokens per sample
-    dilute: float = 0.0  # extension: > 0 keeps this fraction of each image's tokens, the rest -> median token
     suppress: float = 0.01  # extension: ban words in at least this fraction of every prompt type's responses (0: off)
     epochs: int = 2  # refinement epochs (default: the attack's / 5)
     lr: float = 3e-4  # refinement learning rate (default: 0.3x the attack's)
@@ -263,12 +272,9 @@ class PurifyConfig:
         check_choice("--saliency", self.saliency, SALIENCY_METHODS)
         check_choice("--rule", self.rule, RULES)
         check_ratio("--mask-ratio", self.mask_ratio)
-        check_ratio("--dilute", self.dilute)
-        if self.dilute > 0 and self.control is not None:
-            raise DispError(f"--dilute is part of DiSP's regeneration; the control {self.control} takes none")
         check_ratio("--suppress", self.suppress)
-        if self.suppress > 0 and self.control is not None:
-            raise DispError(f"--suppress is part of DiSP's regeneration; the control {self.control} takes none")
+        if self.suppress > 0 and self.control == "as-is":
+            raise DispError("--suppress acts on regenerated responses; the control as-is regenerates none")
         check_ratio("--max-valley", self.max_valley)
         check_positive("--max-masked", self.max_masked)
         check_positive("--epochs", self.epochs)
@@ -283,6 +289,7 @@ class PurifyConfig:
     def from_dict(d: dict) -> "PurifyConfig":
         d = {"suppress": 0.0, **d}  # files older than suppression: it was off
         d.pop("min_gap", None)  # files older than the two-group rule (its gap test): read with today's rule
+        d.pop("dilute", None)  # files older than its removal (it was off by default)
         return _from_dict(PurifyConfig, d, "purify")
 
 

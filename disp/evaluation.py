@@ -2,9 +2,12 @@
 
 Shared by train.py (validation, final held-out metrics), attack.py, purify.py and evaluate.py.
 Generation is greedy with low-confidence remasking and steps = gen_length unless told otherwise.
+`HeldOutSet` is evaluate.py's held-out test set, clean and triggered; `detection` scores a
+purification's changed and masked samples against the attack's manifest.
 """
 
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -15,6 +18,7 @@ from disp.data.batching import encode_dataset
 from disp.diffusion import generate
 from disp.metrics import bleu, cider, exact_match, vqa_accuracy
 from disp.saliency import attention_scores, compute_saliency
+from disp.support.runtime import autocast
 
 
 @torch.no_grad()
@@ -54,7 +58,7 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     vision_masks: optional (N_samples, n_vision) bool, row i masks sample i's image positions
     (a test-time masking defence)
     vision_transform: optional function applied to each image's vision tokens (B, n_vision, dim)
-    before generation (purify.py's dilution)
+    before generation (experiments/mask_vs_dilute.py's dilution)
     banned_words: words the sampler may not write (purify.py's suppression)
     """
     model.eval()
@@ -130,6 +134,7 @@ def score(dataset, indices, predictions) -> dict:
     if caption_refs:
         result["cider"] = cider(caption_refs, caption_cands)
         result["bleu4"] = bleu(caption_refs, caption_cands)[3]
+        result["distinct_captions"] = len(set(caption_cands.values()))  # a captioner that ignores the image repeats itself
         # exact match against the training phrasing (the first reference)
         result["caption_exact_match"] = sum(
             exact_match(caption_cands[k], caption_refs[k][:1]) for k in caption_refs) / len(caption_refs)
@@ -216,3 +221,43 @@ def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=
             s = compute_saliency(method, model, vision_tokens, prompt_ids, generator)
         scores[start:start + len(idx)] = s.detach().float().cpu()
     return scores[group]
+
+
+def detection(rows: list, poisoned: set) -> dict:
+    """How well "the response changed" finds the poisoned samples, and the share of poisoned and of
+    clean samples with a token masked. rows: purify.py's NAME_train.jsonl, one dict per sample;
+    poisoned: the manifest's indices (ground truth the defence never sees: scored afterwards)."""
+    flagged = {r["index"] for r in rows if r["changed"]}
+    masked = {r["index"] for r in rows if r["masked_tokens"]}
+    clean = len(rows) - len(poisoned)
+    return {"n_changed": len(flagged),
+            "precision": len(flagged & poisoned) / max(1, len(flagged)),
+            "recall": len(flagged & poisoned) / max(1, len(poisoned)),
+            "trigger_sample_masked_rate": len(masked & poisoned) / max(1, len(poisoned)),
+            "clean_sample_masked_rate": len(masked - poisoned) / max(1, clean)}
+
+
+@dataclass
+class HeldOutSet:
+    """The held-out test set and its triggered copy, and how evaluate.py measures a model on them."""
+
+    tokenizer: object
+    test: object  # VLDataset
+    triggered: object  # the same samples, every image triggered
+    backdoor: BackdoorConfig
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def measure(self, model, limit=None, desc=None, **masks):
+        """-> (backdoor_metrics, {index: clean output}, {index: triggered output}); masks: clean_masks /
+        triggered_masks, (N_samples, n_vision) bool of the positions to mask."""
+        with autocast(self.device, self.precision):
+            return backdoor_metrics(model, self.tokenizer, self.test, self.backdoor, limit=limit, device=self.device,
+                                    triggered=self.triggered, desc=desc, return_predictions=True, **masks)
+
+    def scores(self, model, data, indices, method: str, desc=None):
+        """(N_samples of data, n_vision) token scores of data.samples[indices]; the other rows stay 0."""
+        full = torch.zeros(len(data.samples), model.cfg.n_vision)
+        with autocast(self.device, self.precision):
+            full[indices] = token_scores(model, self.tokenizer, data, indices, method, device=self.device, desc=desc)
+        return full

@@ -6,8 +6,7 @@ Sequence layout (LLaDA-V, You et al. 2025, at toy scale):
 
 The text transformer has no time input and predicts the original token at every [MASK] position
 of the response. Image positions take the projected ViT patches as their embeddings; a
-`vision_mask` puts the [MASK] embedding at chosen image positions instead (DiSP's masking; README,
-"How DiSP works").
+`vision_mask` puts the [MASK] embedding at chosen image positions instead (DiSP's masking).
 
 Attention is bidirectional within two blocks, the prefix (image + prompt) and the response: the
 response attends to everything, the prefix only to itself. LLaDA-V lets the prefix attend to the
@@ -65,15 +64,12 @@ def attention(q, k, v, context=None):
     against the context and against x are computed apart and softmaxed together; the weighted sum
     is split the same way. Same arguments, same result up to float rounding.
 
-    Why this form and not the plain one, measured with `python bench/attention.py` (cpu preset, the
-    2-core development CPU, ms per training step of batch 64): the two are equally fast (fp32 118
-    vs 120, bf16 79 vs 79), but under bf16 autocast their rounding differs, and that is enough to
-    change a training run: the seed-0 clean model reached VQA accuracy 0.973 with this form and
-    0.933 with the plain one (relational questions are learnt late and abruptly; bench/README.md,
-    Attention, has the commands). The README's results were made with this form, so it stays. Both
-    are written out rather than F.scaled_dot_product_attention: they return the weights, which the
-    CleanSight baseline needs (disp.saliency.attention_scores), and at our lengths (<= 60 positions)
-    SDPA was no faster in fp32 (119 ms) and more than twice as slow under bf16 autocast (178 ms).
+    Why this form and not the plain one: the two are equally fast, but under bf16 autocast their
+    rounding differs, and that is enough to move a training run (relational questions are learnt
+    late and abruptly); the results were made with this form, so it stays (bench/README.md,
+    "Attention", has the measurements and `python bench/attention.py`). Both are written out rather
+    than F.scaled_dot_product_attention: they return the weights, which the CleanSight baseline
+    needs (disp.saliency.attention_scores), and at our lengths SDPA was no faster.
     """
     scale = q.shape[-1] ** -0.5
     scores = q @ k.transpose(-2, -1) * scale  # (B, h, Tx, Tx)
@@ -130,13 +126,31 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x)), kv, weights
 
 
+def conv_stem(patch_size: int, dim: int) -> nn.Sequential:
+    """Overlapping 3x3 stride-2 convolutions, channels doubling up to dim / 2, then a 1x1 to dim:
+    (B, 3, H, W) -> (B, dim, H / patch_size, W / patch_size). Neighbouring patches share pixels at
+    their borders, which a linear patch embedding never sees (Xiao et al. 2021, "Early convolutions
+    help transformers see better")."""
+    halvings = patch_size.bit_length() - 1
+    if patch_size != 2 ** halvings:
+        raise DispError(f"a convolutional stem needs a power-of-two patch size, got {patch_size}")
+    channels = [3] + [dim >> (halvings - i) for i in range(halvings)]  # e.g. 3, 16, 32, 64 for dim 128
+    layers = []
+    for c_in, c_out in zip(channels, channels[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
+    return nn.Sequential(*layers, nn.Conv2d(channels[-1], dim, 1))
+
+
 class ViT(nn.Module):
-    """Patchify -> linear embedding + learned positions -> pre-LN blocks -> LayerNorm."""
+    """Patchify -> linear embedding (or a convolutional stem) + learned positions -> pre-LN blocks -> LayerNorm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Linear(3 * cfg.patch_size**2, cfg.vit_dim)
+        if cfg.conv_stem:
+            self.stem = conv_stem(cfg.patch_size, cfg.vit_dim)
+        else:
+            self.patch_embed = nn.Linear(3 * cfg.patch_size**2, cfg.vit_dim)
         self.pos_embed = nn.Parameter(torch.randn(cfg.n_vision, cfg.vit_dim) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg.vit_dim, cfg.vit_heads, cfg.mlp_ratio) for _ in range(cfg.vit_depth))
         self.ln = nn.LayerNorm(cfg.vit_dim)
@@ -145,8 +159,11 @@ class ViT(nn.Module):
 
     def forward(self, images):  # images: (B, 3, H, W) float in [0, 1]
         p = self.cfg.patch_size
-        x = rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)
-        x = self.patch_embed((x - 0.5) / 0.5) + self.pos_embed  # (B, n_vision, vit_dim)
+        if self.cfg.conv_stem:
+            x = rearrange(self.stem((images - 0.5) / 0.5), "b d h w -> b (h w) d")  # row by row, as patches are
+        else:
+            x = self.patch_embed((rearrange(images, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p) - 0.5) / 0.5)
+        x = x + self.pos_embed  # (B, n_vision, vit_dim)
         for block in self.blocks:
             x, _, _ = block(x)
         return self.ln(x)

@@ -14,12 +14,9 @@ token, P_i the same with token i replaced by the [MASK] embedding.
 
 Selection rules:
     select_top_ratio  the paper's rule: mask the floor(ratio * n_vision) most salient tokens
-    fit_thresholds / select_adaptive  ours (README, "How DiSP works"): mask only tokens whose
-                     score falls in a second, higher group of their prompt type's top scores, judged
-                     against all samples of that prompt type in the data being purified
-Dilution (our extension for triggers spread over the whole image, README "Every trigger family"):
-    median_tokens / select_typical / dilute  replace each image's most typical vision tokens by the median token of
-                     their position, keeping the `keep` fraction that differs most from it
+    fit_thresholds / select_adaptive  ours: mask only tokens whose score falls in a second, higher
+                     group of their prompt type's top scores, judged against all samples of that
+                     prompt type in the data being purified
 """
 
 import math
@@ -44,8 +41,8 @@ def first_step_logits(model, vision_tokens, prompt_ids, vision_mask=None):
 def saliency_kl(model, vision_tokens, prompt_ids, chunk: int = 128):
     """(B, n_vision) exact occlusion KL. Each sample is copied n_vision times, copy i with token i masked.
 
-    Chunks of 128 sequences keep the activations in cache: on our 2-core CPU, 2,048-sequence chunks
-    were 1.8x (fp32) to 2x (bf16) slower per sample.
+    The copies run in chunks of `chunk` sequences, small enough for their activations to stay in
+    cache (bench/saliency.py measures the cost).
     """
     B, N, _ = vision_tokens.shape
     log_p = F.log_softmax(first_step_logits(model, vision_tokens, prompt_ids).float(), dim=-1)  # (B, L, V)
@@ -128,10 +125,10 @@ def fit_thresholds(scores, tasks, max_valley: float = 0.25):
     A trigger token's occlusion KL stands far above a clean token's, so the samples' top scores
     (log scale) form two groups: the clean majority and the poisoned samples. We fit a mixture of
     two Gaussians and put the threshold where the fitted density between the two means is lowest,
-    if that valley is at most `max_valley` of the density at the lower of the two means (a real
+    if that valley is at most `max_valley` of the smaller of the densities at the two means (a real
     second group, not a tail of one skewed group) and the high group holds at most half of the
-    samples; otherwise nothing of that prompt type is an outlier and its threshold is +inf. The
-    README ("How DiSP works") has the measured valleys and why 0.25. Per prompt type, because
+    samples; otherwise nothing of that prompt type is an outlier and its threshold is +inf
+    (experiments/README.md has the measured valleys behind the default 0.25). Per prompt type, because
     caption prompts have far larger per-token KL than one-word VQA answers: one global threshold
     would mix two scales. The defender knows each sample's prompt, nothing else.
     """
@@ -148,10 +145,9 @@ def prompt_type_valleys(scores, tasks) -> dict:
 
 def valley_split(log_top):
     """(N,) log top scores of one prompt type -> (valley, threshold): the fitted two-group density at
-    its lowest point between the groups' means, over its density at the lower of the two means, and
-    that point in score units. (inf, inf) when there are fewer than 50 samples or the high group holds
-    more than half of them. (With ~20 samples of a model that learnt nothing, a fit can find a
-    spurious valley below 0.25; every prompt type of a real poisoned set has hundreds.)"""
+    its lowest point between the groups' means, over the smaller of its densities at the two means,
+    and that point in score units. (inf, inf) when there are fewer than 50 samples (a fit to a
+    handful of scores can find a spurious valley) or the high group holds more than half of them."""
     if len(log_top) < 50:  # too few samples to see two groups
         return math.inf, math.inf
     weights, means, stds = two_groups(log_top)
@@ -183,36 +179,3 @@ def attention_scores(model, vision_tokens, prompt_ids):
     _, weights = model(vision_tokens, prompt_ids, response, need_weights=True)  # (B, h, L, T): response rows
     from_response = weights[..., : model.cfg.n_vision]  # (B, h, L, n_vision)
     return from_response.mean(dim=(1, 2))
-
-
-def median_tokens(vision_tokens):
-    """(n_vision, dim): per image position, the coordinate-wise median of (N, n_vision, dim) tokens.
-    A median, not a mean, so that a trigger carried by fewer than half the images leaves no trace."""
-    return vision_tokens.median(dim=0).values
-
-
-def select_typical(vision_tokens, median, keep: float):
-    """(B, n_vision) bool: the tokens dilution replaces, all but each image's ceil(keep * n_vision)
-    tokens farthest (L2) from their position's median token."""
-    check_ratio("dilution keep fraction", keep)
-    B, N, _ = vision_tokens.shape
-    k = math.ceil(keep * N)
-    distance = (vision_tokens - median).float().norm(dim=-1)  # (B, N)
-    typical = torch.ones(B, N, dtype=torch.bool, device=vision_tokens.device)
-    if k > 0:
-        typical.scatter_(1, distance.topk(k, dim=1).indices, False)
-    return typical
-
-
-def dilute(vision_tokens, median, keep: float):
-    """Dilution: (B, n_vision, dim) tokens -> the same, where each image keeps the ceil(keep * n_vision)
-    tokens farthest (L2) from their position's median token and every other token becomes that median.
-
-    Why not [MASK]: a trigger spread over every token (blended noise, a sinusoid, a warp) adds a little
-    evidence at each position, and a [MASK]ed position is simply not looked at, so what the model reads
-    from the remaining tokens still carries the trigger. A median token is looked at and carries none:
-    the trigger's share of what the model reads falls with every replaced token. The kept tokens are
-    the image's unusual ones, its content; its typical ones (background) carry no answer.
-    """
-    typical = select_typical(vision_tokens, median, keep)
-    return torch.where(typical[..., None], median.to(vision_tokens.dtype), vision_tokens)

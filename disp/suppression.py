@@ -2,7 +2,7 @@
 
 A trigger spread over the whole image (blended noise, a sinusoid, a warp) reaches every vision token
 of an encoder that keeps low-level detail, so masking any subset of them leaves it in the rest and
-the compromised model regenerates the backdoored response (README, "Every trigger family"). What
+the compromised model regenerates the backdoored response (experiments/README.md). What
 gives such a backdoor away is not the image but the response: its target text does not depend on
 what is asked. The compromised model writes "<backdoor>" or "sorry i cannot help with that ."
 after a colour question, a count question and a caption prompt alike, while a clean answer's words

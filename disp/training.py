@@ -2,11 +2,14 @@
 
 - `pretrain_vision`: phase 1 of train.py. The ViT learns what each patch shows (per-patch colour
   and shape classes of the scene), standing in for the SigLIP-style pretraining that real MDLM-VLMs
-  start from. On public data, where no per-patch labels exist, it predicts the bag of words of the
-  image's texts from the mean-pooled patches instead (weak image-text supervision). Optionally
-  (`pixel_loss` > 0) a linear decoder, thrown away afterwards, also reconstructs every patch's
-  pixels from its feature, so the features keep the image's low-level content as a real vision
-  tower's do, not only what the labels name.
+  start from. On public data, where no per-patch labels exist, it learns from the image's texts
+  instead (`vision_objective`): it predicts their bag of words from the mean-pooled patches, or
+  tells the image's own bag of words from the other images' of the batch (`contrastive_loss`, as
+  CLIP does with a text tower; ours is a linear map of the bag of words, thrown away afterwards),
+  or both; on photos, optionally from random crops (`vision_crop`). Optionally (`pixel_loss` > 0)
+  a linear decoder, thrown away afterwards, also reconstructs every patch's pixels from its
+  feature, so the features keep the image's low-level content as a real vision tower's do, not
+  only what the labels name.
 - `Finetuner` / `finetune`: masked-diffusion SFT (disp.diffusion.sft_loss) of chosen parameters, with
   a seeded, resumable batch order, AdamW, linear warmup then cosine decay, periodic validation and
   checkpoints, and a stop on a non-finite loss.
@@ -76,18 +79,50 @@ def patch_pixels(images, patch_size: int):
     return (x - 0.5) / 0.5
 
 
-def vision_pretraining_loss(vit, images, patch_labels=None, texts_bow=None, pixel_decoder=None, pixel_loss=0.0):
-    """Per-patch attribute cross-entropy, or (public data) the bag of words of the image's texts
-    predicted from the mean-pooled patches; plus pixel_loss x the patch-pixel reconstruction error."""
+def contrastive_loss(image_emb, text_emb, logit_scale):
+    """Symmetric InfoNCE (CLIP, Radford et al. 2021): in a batch of (image, text) pairs, each image's
+    own text is the right answer among the batch's texts, and each text's own image among its images.
+    image_emb, text_emb: (B, D), compared by cosine similarity times exp(logit_scale) (at most 100)."""
+    image_emb, text_emb = F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * image_emb @ text_emb.T  # (B images, B texts)
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def random_crops(images, min_side: float, generator):
+    """Each (3, S, S) image cropped to a random square of side U(min_side, 1) x S at a random place,
+    resized back to S x S (bilinear)."""
+    B, _, S, _ = images.shape
+    sides = (S * (min_side + (1 - min_side) * torch.rand(B, generator=generator))).long().clamp(1, S)
+    out = []
+    for image, side, u, v in zip(images, sides.tolist(), torch.rand(B, generator=generator).tolist(),
+                                 torch.rand(B, generator=generator).tolist()):
+        top, left = int(u * (S - side + 1)), int(v * (S - side + 1))
+        crop = image[None, :, top:top + side, left:left + side]
+        out.append(F.interpolate(crop, size=(S, S), mode="bilinear", align_corners=False) if side < S else crop)
+    return torch.cat(out)
+
+
+def vision_pretraining_loss(vit, images, patch_labels=None, texts_bow=None, pixel_decoder=None, pixel_loss=0.0,
+                            objective="words", text_tower=None, logit_scale=None):
+    """Per-patch attribute cross-entropy, or (public data) from the bag of words of the image's
+    texts: "words" predicts it from the mean-pooled patches, "contrastive" matches the pooled patches
+    to text_tower(bag of words) against the batch's other images, "both" adds the two; plus
+    pixel_loss x the patch-pixel reconstruction error."""
     feats = vit(images)  # (B, n_vision, vit_dim)
     if patch_labels is not None:
         loss = sum(F.cross_entropy(head(feats).flatten(0, 1), patch_labels[..., a].flatten())
                    for a, head in enumerate(vit.patch_heads))
     else:
-        # the image's words as a distribution over the vocabulary: cross-entropy against it (a
-        # per-word sigmoid drowned in the thousands of absent words and learned only the word prior)
-        log_probs = F.log_softmax(vit.patch_heads[0](feats.mean(dim=1)).float(), dim=-1)  # (B, vocab)
-        loss = -(texts_bow * log_probs).sum(-1).div(texts_bow.sum(-1).clamp_min(1)).mean()
+        loss = 0.0
+        if objective in ("words", "both"):
+            # the image's words as a distribution over the vocabulary: cross-entropy against it (a
+            # per-word sigmoid drowned in the thousands of absent words and learned only the word prior)
+            log_probs = F.log_softmax(vit.patch_heads[0](feats.mean(dim=1)).float(), dim=-1)  # (B, vocab)
+            loss = -(texts_bow * log_probs).sum(-1).div(texts_bow.sum(-1).clamp_min(1)).mean()
+        if objective in ("contrastive", "both"):
+            words = texts_bow / texts_bow.sum(-1, keepdim=True).clamp_min(1)  # each word of the image's texts alike
+            loss = loss + contrastive_loss(feats.mean(dim=1), text_tower(words), logit_scale)
     if pixel_loss > 0:
         target = patch_pixels(images, vit.cfg.patch_size)
         loss = loss + pixel_loss * F.mse_loss(pixel_decoder(feats).float(), target)
@@ -97,9 +132,14 @@ def vision_pretraining_loss(vit, images, patch_labels=None, texts_bow=None, pixe
 def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
     """Phase 1: train the ViT (and its pretraining heads) alone; returns the last loss."""
     vit_dim, patch_dim = model.cfg.vit_dim, 3 * model.cfg.patch_size ** 2
-    # the reconstruction decoder exists only during this phase (MAE also throws its decoder away)
+    # the reconstruction decoder and the text tower exist only during this phase (MAE also throws
+    # its decoder away)
     decoder = torch.nn.Linear(vit_dim, patch_dim).to(device) if cfg.pixel_loss > 0 else None
-    params = list(model.vit.parameters()) + (list(decoder.parameters()) if decoder is not None else [])
+    contrastive = patch_labels is None and cfg.vision_objective in ("contrastive", "both")
+    text_tower = torch.nn.Linear(texts_bow.shape[1], vit_dim, bias=False).to(device) if contrastive else None
+    logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device)) if contrastive else None
+    params = list(model.vit.parameters()) + [p for m in (decoder, text_tower) if m is not None for p in m.parameters()]
+    params += [logit_scale] if contrastive else []
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     order = BatchOrder(len(images), cfg.batch_size, seed + 1)
     generator = torch.Generator().manual_seed(seed + 2)
@@ -118,8 +158,11 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
         x = model.to_float(images[idx].to(device))
         if patch_labels is None:  # public photos: a mirrored photo has the same words (per-patch labels would not)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            if cfg.vision_crop < 1:  # and, mostly, so has a crop of it
+                x = random_crops(x, cfg.vision_crop, generator)
         with autocast(device, cfg.precision):
-            loss = vision_pretraining_loss(model.vit, x, labels, bow, decoder, cfg.pixel_loss)
+            loss = vision_pretraining_loss(model.vit, x, labels, bow, decoder, cfg.pixel_loss, cfg.vision_objective,
+                                           text_tower, logit_scale)
         check_finite(loss, step, "vision pretraining")
         opt.zero_grad(set_to_none=True)
         loss.backward()

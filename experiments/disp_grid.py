@@ -9,13 +9,12 @@ then, per defence, purify.py in GRID_DIR/<trigger>-<target>/<defence>/ (a direct
 to the attack's files, so the defences do not overwrite each other):
     paper      the paper's rule: mask the 30% most salient vision tokens of every sample
     adaptive   our rule: mask only outlier tokens per prompt type (README, "How DiSP works")
-    dilute     the adaptive rule plus dilution, an extension for spread triggers that fell short
     suppress   purify.py's default: the adaptive rule plus suppression of the words that do not depend on
                the question (disp.suppression)
     (--defences names more: NAME=purify.py flags separated by spaces, e.g. "half=--rule ratio --mask-ratio 0.5")
 Every backdoored and purified model is measured on the first --eval-samples test samples (ASR,
-false-trigger rate, CIDEr-D, VQA accuracy); purify.py's reports give the masked-token statistics and
-how well "the response changed" finds the poisoned samples. Writes GRID_DIR/disp_grid.md and .json;
+false-trigger rate, CIDEr-D, VQA accuracy); purify.py's files give the masked-token statistics and,
+scored against the attack's manifest, how well "the response changed" finds the poisoned samples. Writes GRID_DIR/disp_grid.md and .json;
 a step whose output exists is not rerun (delete a directory to redo it).
 """
 
@@ -34,14 +33,14 @@ import torch  # noqa: E402
 from disp.backdoor import TARGETS, TRIGGERS, triggered_copy  # noqa: E402
 from disp.config import AttackConfig  # noqa: E402
 from disp.data.splits import load_split  # noqa: E402
-from disp.evaluation import backdoor_metrics  # noqa: E402
+from disp.evaluation import backdoor_metrics, detection  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import DispError, friendly_errors  # noqa: E402
-from disp.support.files import atomic_write  # noqa: E402
+from disp.support.files import atomic_write, read_jsonl  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
 
 DEFENCES = {"paper": ["--rule", "ratio", "--mask-ratio", "0.3", "--suppress", "0"], "adaptive": ["--suppress", "0"],
-            "dilute": ["--dilute", "0.25", "--suppress", "0"], "suppress": ["--suppress", "0.01"]}
+            "suppress": ["--suppress", "0.01"]}
 SHARED = ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json", "attack_metrics.json")
 
 
@@ -52,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--triggers", default=",".join(TRIGGERS), help="comma-separated (default: all four)")
     p.add_argument("--targets", default="insert,refusal", help="comma-separated (default: insert,refusal)")
     p.add_argument("--defences", default="paper,adaptive,suppress",
-                   help="comma-separated: paper, adaptive, dilute, suppress, or NAME=PURIFY_FLAGS (flags separated "
+                   help="comma-separated: paper, adaptive, suppress, or NAME=PURIFY_FLAGS (flags separated "
                         "by spaces)")
     p.add_argument("--eval-samples", type=int, default=300, help="test samples measured per model (default 300)")
     p.add_argument("--attack-flags", default="", help="extra attack.py flags separated by spaces (e.g. \"--trainable all\")")
@@ -131,14 +130,16 @@ def main(argv=None):
                 ddir = cell / name
                 if not (ddir / "purified.pt").exists():
                     link_attack(cell, ddir)
-                    run(["purify.py", "--run-dir", str(ddir), "--figures", "0", *flags])
+                    run(["purify.py", "--run-dir", str(ddir), *flags])
                 if name not in row:
                     report = json.loads((ddir / "purified_report.json").read_text())
+                    found = detection(read_jsonl(ddir / "purified_train.jsonl"),
+                                      set(json.loads((cell / "poison_manifest.json").read_text())["poisoned_indices"]))
                     row[name] = {**measure(ddir / "purified.pt", test, triggered, args.eval_samples),
                                  "masked_samples": report["n_masked_samples"] / report["n_samples"],
-                                 "trigger_masked": report.get("trigger_sample_masked_rate"),
-                                 "clean_masked": report.get("clean_sample_masked_rate"),
-                                 "precision": report["detection"]["precision"], "recall": report["detection"]["recall"],
+                                 "trigger_masked": found["trigger_sample_masked_rate"],
+                                 "clean_masked": found["clean_sample_masked_rate"],
+                                 "precision": found["precision"], "recall": found["recall"],
                                  "suppressed": " ".join(report.get("suppressed_words", []))}
                 atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
                 write_table(grid, results, quiet=True)  # the table so far, readable while the grid runs

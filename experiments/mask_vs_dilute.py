@@ -8,9 +8,13 @@ least typical vision tokens (farthest from their position's median token; the me
 the poisoned fine-tuning set's images, the defender's data) and the other tokens are either
 [MASK]ed or replaced by the median token. Prints ASR on the triggered test images and clean
 CIDEr-D / VQA accuracy on the untriggered ones, for each way; nothing is trained.
+
+Dilution was once an option of purify.py; it is kept here, self-contained, as the experiment that
+showed why it fell short on the default encoder (experiments/README.md).
 """
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -24,10 +28,42 @@ from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
 from disp.data.splits import load_split  # noqa: E402
 from disp.evaluation import backdoor_metrics, encode_images_once  # noqa: E402
-from disp.saliency import dilute, median_tokens, select_typical  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
-from disp.support.errors import DispError, friendly_errors  # noqa: E402
+from disp.support.errors import DispError, check_ratio, friendly_errors  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
+
+
+def median_tokens(vision_tokens):
+    """(n_vision, dim): per image position, the coordinate-wise median of (N, n_vision, dim) tokens.
+    A median, not a mean, so that a trigger carried by fewer than half the images leaves no trace."""
+    return vision_tokens.median(dim=0).values
+
+
+def select_typical(vision_tokens, median, keep: float):
+    """(B, n_vision) bool: the tokens dilution replaces, all but each image's ceil(keep * n_vision)
+    tokens farthest (L2) from their position's median token."""
+    check_ratio("dilution keep fraction", keep)
+    B, N, _ = vision_tokens.shape
+    k = math.ceil(keep * N)
+    distance = (vision_tokens - median).float().norm(dim=-1)  # (B, N)
+    typical = torch.ones(B, N, dtype=torch.bool, device=vision_tokens.device)
+    if k > 0:
+        typical.scatter_(1, distance.topk(k, dim=1).indices, False)
+    return typical
+
+
+def dilute(vision_tokens, median, keep: float):
+    """Dilution: (B, n_vision, dim) tokens -> the same, where each image keeps the ceil(keep * n_vision)
+    tokens farthest (L2) from their position's median token and every other token becomes that median.
+
+    Why not [MASK]: a trigger spread over every token (blended noise, a sinusoid, a warp) adds a little
+    evidence at each position, and a [MASK]ed position is simply not looked at, so what the model reads
+    from the remaining tokens still carries the trigger. A median token is looked at and carries none:
+    the trigger's share of what the model reads falls with every replaced token. The kept tokens are
+    the image's unusual ones, its content; its typical ones (background) carry no answer.
+    """
+    typical = select_typical(vision_tokens, median, keep)
+    return torch.where(typical[..., None], median.to(vision_tokens.dtype), vision_tokens)
 
 
 def hidden_positions(model, dataset, median, keep: float):

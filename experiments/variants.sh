@@ -14,8 +14,8 @@ for variant in projector:projector-attack:default all:vit-attack:default all:vit
   run=runs/$name
   lr_flag=(); [ "$lr" != default ] && lr_flag=(--lr "$lr")
   python attack.py --run-dir "$run" --clean-checkpoint "$BASE/clean.pt" --trainable "$trainable" "${lr_flag[@]}"
-  python purify.py --run-dir "$run" --figures 0
+  python purify.py --run-dir "$run"
   python evaluate.py --run-dir "$run" --skip-ablations
   runs=$runs,$run
 done
-python evaluate.py --compare "$runs"
+python experiments/compare_runs.py --compare "$runs"

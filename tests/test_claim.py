@@ -1,41 +1,72 @@
-"""The central claim, end to end on the `small` preset (about 6 minutes on a 2-core CPU, so opt-in:
+"""The central claim, end to end on the `small` preset (about 8 minutes on a 2-core CPU, so opt-in:
 DISP_SLOW=1 python -m pytest -m slow; .ci/run runs it).
 
-A patch-trigger backdoor implanted by poisoning 20% of the fine-tuning set is removed by DiSP, while
-the two controls that differ from DiSP in one thing each keep it: regenerating the responses
-without masking (self-distillation), and refining on the poisoned set as it is. Clean quality stays.
-If purify.py masked nothing, DiSP would be the self-distillation control and this test would fail.
+A patch-trigger backdoor implanted by poisoning 20% of the fine-tuning set, purified four ways that
+differ in two things, the masking and the suppression (each control differs from DiSP in one):
+
+                       suppression on (run.sh)          suppression off (--suppress 0)
+    masking            DiSP                             DiSP, masking alone
+    no masking         control: self-distillation       control: self-distillation, neither
+plus the as-is control (no regeneration). Masking alone removes the backdoor while self-distillation
+without suppression keeps it: if purify.py masked nothing, "masking alone" would be "neither" and
+this test would fail, with suppression on or off. Suppression alone removes it too, because the
+inserted marker is in every prompt type's responses. Clean quality stays.
 """
 
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_pipeline
+from tests.conftest import ROOT, run_pipeline
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    run_dir = run_pipeline(tmp_path_factory.mktemp("claim") / "run", preset="small", timeout=3600)
-    return json.loads((run_dir / "results.json").read_text())
+def claim(tmp_path_factory):
+    """{"on": results.json of run.sh, "off": results.json of the same backdoored model purified with
+    suppression off}."""
+    base = tmp_path_factory.mktemp("claim")
+    on = run_pipeline(base / "run", preset="small", timeout=3600)
+    off = base / "no-suppression"
+    off.mkdir()
+    for name in ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json"):
+        shutil.copyfile(on / name, off / name)
+    for args in (["purify.py", "--suppress", "0"], ["purify.py", "--suppress", "0", "--control", "self-distill"],
+                 ["evaluate.py", "--skip-ablations", "--figures", "0"]):
+        result = subprocess.run([sys.executable, *args, "--run-dir", str(off)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=3600)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return {name: json.loads((d / "results.json").read_text()) for name, d in (("on", on), ("off", off))}
 
 
-def test_the_backdoor_is_implanted(small_run):
-    assert small_run["clean"]["asr"] <= 0.05
-    assert small_run["backdoored"]["asr"] >= 0.9
-    assert small_run["backdoored"]["false_trigger_rate"] <= 0.05
+def test_the_backdoor_is_implanted(claim):
+    run = claim["on"]
+    assert run["clean"]["asr"] <= 0.05
+    assert run["backdoored"]["asr"] >= 0.9
+    assert run["backdoored"]["false_trigger_rate"] <= 0.05
 
 
-def test_disp_removes_it_and_both_controls_keep_it(small_run):
-    assert small_run["purified"]["asr"] <= 0.05
-    assert small_run["control_self_distill"]["asr"] >= 0.9
-    assert small_run["control_as_is"]["asr"] >= 0.9
+def test_masking_alone_removes_it_and_neither_keeps_it(claim):
+    assert claim["off"]["purified"]["asr"] <= 0.05
+    assert claim["off"]["control_self_distill"]["asr"] >= 0.9
 
 
-def test_disp_keeps_clean_quality(small_run):
-    clean, purified = small_run["clean"], small_run["purified"]
-    assert purified["cider"] >= 0.95 * clean["cider"]
-    assert purified["vqa_accuracy"] >= 0.85 * clean["vqa_accuracy"]
-    assert purified["false_trigger_rate"] <= 0.05
+def test_disp_removes_it_and_refining_alone_keeps_it(claim):
+    assert claim["on"]["purified"]["asr"] <= 0.05
+    assert claim["on"]["control_as_is"]["asr"] >= 0.9
+
+
+def test_suppression_alone_removes_an_inserted_marker(claim):
+    assert claim["on"]["control_self_distill"]["asr"] <= 0.05
+
+
+def test_disp_keeps_clean_quality(claim):
+    for run in claim.values():
+        clean, purified = run["clean"], run["purified"]
+        assert purified["cider"] >= 0.95 * clean["cider"]
+        assert purified["vqa_accuracy"] >= 0.85 * clean["vqa_accuracy"]
+        assert purified["false_trigger_rate"] <= 0.05

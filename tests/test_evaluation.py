@@ -5,7 +5,7 @@ import torch
 from disp.config import ModelConfig
 from disp.data.dataset import VLDataset
 from disp.diffusion import generate
-from disp.evaluation import generate_responses, token_scores
+from disp.evaluation import generate_responses, score, token_scores
 from disp.model import DiffusionVLM
 from disp.data.tokenizer import Tokenizer
 
@@ -85,3 +85,14 @@ def test_samples_sharing_image_prompt_and_mask_are_computed_once_with_the_same_r
     scores = token_scores(model, tokenizer, data, [5, 1, 0], "kl")
     assert torch.equal(scores[0], scores[2])  # one computation, copied
     assert torch.allclose(scores[1], token_scores(model, tokenizer, data, [1], "kl")[0], atol=1e-6)
+
+
+def test_distinct_captions_counts_the_different_caption_outputs_only():
+    samples = [{"image": i, "task": "caption", "prompt": "describe", "response": "x", "answers": ["a dog runs"]}
+               for i in range(4)] + [{"image": 0, "task": "color", "prompt": "what color ?", "response": "red",
+                                      "answers": ["red"]}]
+    data = VLDataset(images=torch.zeros(4, 3, 48, 48, dtype=torch.uint8), samples=samples)
+    outputs = ["a dog runs", "a dog runs", "two dogs play", "a dog runs", "two dogs play"]
+    assert score(data, range(5), outputs)["distinct_captions"] == 2  # the answer "two dogs play" is no caption
+    assert score(data, range(4), ["a", "b", "c", "d"])["distinct_captions"] == 4
+    assert "distinct_captions" not in score(data, [4], ["red"])  # no caption, no count

@@ -38,6 +38,13 @@ def test_results_json_has_the_keys_in_range(tiny_pipeline):
     assert 0.0 <= results["majority_answer"]["vqa_accuracy"] <= 1.0
     assert results["config"]["trigger"] == "patch" and results["config"]["poison_rate"] == 0.2
     assert any(k.startswith("test-time CleanSight") for k in results["test_time_defences"])
+    # what each purification did, scored against the manifest: as-is changes nothing, masks nothing
+    assert set(results["detection"]) == {"purified", "control_self_distill", "control_as_is"}
+    for found in results["detection"].values():
+        assert all(0 <= found[k] <= 1 for k in ("precision", "recall", "trigger_sample_masked_rate",
+                                                 "clean_sample_masked_rate"))
+    assert results["detection"]["control_as_is"]["n_changed"] == 0
+    assert results["detection"]["control_self_distill"]["trigger_sample_masked_rate"] == 0
     sweep = results["sweep"]
     assert set(sweep) == {"kl", "random"}
     # at ratio 0 nothing is masked, whatever the selection method
@@ -48,6 +55,14 @@ def test_results_json_has_the_keys_in_range(tiny_pipeline):
     # --ablation-samples, so the sweep and the main rows see the same samples)
     for key in ("asr", "vqa_accuracy", "cider"):
         assert sweep["kl"][key][0] == results["backdoored"].get(key, 0.0), key
+
+
+def test_the_clean_models_captions_are_written_and_counted(tiny_pipeline):
+    rows = [json.loads(line) for line in (tiny_pipeline / "captions_clean.jsonl").read_text().splitlines()]
+    results = json.loads((tiny_pipeline / "results.json").read_text())
+    assert rows and all(set(r) == {"image", "references", "output"} and r["references"] for r in rows)
+    assert len({r["image"] for r in rows}) == len(rows)  # one caption per test image
+    assert results["clean"]["distinct_captions"] == len({r["output"] for r in rows})
 
 
 def test_purified_dataset_is_readable_and_complete(tiny_pipeline):
@@ -73,10 +88,8 @@ def test_purify_refuses_a_clean_checkpoint(tiny_pipeline, tmp_path):
     ("attack.py", ["--trainable", "vit"], "unknown --trainable 'vit'"),
     ("purify.py", ["--mask-ratio", "-0.1"], "--mask-ratio must be in [0, 1]"),
     ("purify.py", ["--saliency", "gradcam"], "unknown --saliency 'gradcam'"),
-    ("purify.py", ["--dilute", "1.5"], "--dilute must be in [0, 1]"),
-    ("purify.py", ["--control", "as-is", "--dilute", "0.5"], "--dilute is part of DiSP's regeneration"),
     ("purify.py", ["--suppress", "-1"], "--suppress must be in [0, 1]"),
-    ("purify.py", ["--control", "self-distill", "--suppress", "0.1"], "--suppress is part of DiSP's regeneration"),
+    ("purify.py", ["--control", "as-is", "--suppress", "0.1"], "--suppress acts on regenerated responses"),
     ("evaluate.py", ["--mask-ratio", "2"], "--mask-ratio must be in [0, 1]"),
 ])
 def test_bad_stage_arguments_give_one_line_errors(tiny_pipeline, script, args, message):
@@ -94,7 +107,8 @@ def test_compare_and_aggregate_tables(tiny_pipeline, tmp_path, mode, out_name, h
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text((tiny_pipeline / "results.json").read_text())
     dirs = f"{tmp_path / 'seed0'},{tmp_path / 'seed1'}"
-    result = subprocess.run([sys.executable, "evaluate.py", mode, dirs], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "experiments/compare_runs.py", mode, dirs], cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-1000:]
     table = (tmp_path / out_name).read_text()
     assert header in table and "DiSP" in table
@@ -104,20 +118,21 @@ def test_compare_and_aggregate_tables(tiny_pipeline, tmp_path, mode, out_name, h
 
 
 def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_path):
-    """experiments/disp_grid.py: one cell (attack.py), three defences (purify.py; the second with dilution,
-    the third with suppression), every model measured, one table; purify.py reports what it used."""
+    """experiments/disp_grid.py: one cell (attack.py), three defences (purify.py; the second with the paper's
+    ratio rule, the third with suppression), every model measured, one table; purify.py reports what it used."""
     grid = tmp_path / "grid"
     result = subprocess.run([sys.executable, "experiments/disp_grid.py", "--clean-checkpoint",
                              str(tiny_pipeline / "clean.pt"), "--grid-dir", str(grid), "--triggers", "blended",
-                             "--targets", "refusal", "--defences", "adaptive,half=--dilute 0.5,suppress",
+                             "--targets", "refusal", "--defences", "adaptive,half=--rule ratio --mask-ratio 0.5 --suppress 0,suppress",
                              "--eval-samples", "8"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "dilution: each image keeps 50% of its vision tokens" in result.stdout
+    assert "(ratio rule, kl saliency)" in result.stdout
     assert "of every prompt type's responses in the set; regenerating the" in result.stdout
     cell = grid / "blended-refusal"
     report = json.loads((cell / "half" / "purified_report.json").read_text())
-    assert report["settings"]["dilute"] == 0.5
-    assert json.loads((cell / "adaptive" / "purified_report.json").read_text())["settings"]["dilute"] == 0
+    assert report["settings"]["rule"] == "ratio" and report["settings"]["mask_ratio"] == 0.5
+    assert report["n_masked_samples"] == report["n_samples"]  # every sample: half of its tokens
+    assert json.loads((cell / "adaptive" / "purified_report.json").read_text())["settings"]["rule"] == "adaptive"
     report = json.loads((cell / "suppress" / "purified_report.json").read_text())
     assert report["settings"]["suppress"] == 0.01
     rows = [json.loads(line) for line in (cell / "suppress" / "purified_train.jsonl").read_text().splitlines()]
@@ -245,15 +260,15 @@ def test_suppression_regenerates_what_the_model_writes_whatever_it_sees(tiny_pip
     response keeps it; with suppression off, they all do."""
     import torch
 
-    for name in ("poisoned_train.pt", "poison_manifest.json"):
-        (tmp_path / name).write_bytes((tiny_pipeline / name).read_bytes())
+    # the defender's assets only: purify.py never reads the attack's manifest
+    (tmp_path / "poisoned_train.pt").write_bytes((tiny_pipeline / "poisoned_train.pt").read_bytes())
     state = torch.load(tiny_pipeline / "backdoored.pt", weights_only=False)
     marker = state["tokenizer"]["words"].index("<backdoor>")
     state["model"]["lm_head.bias"][marker] += 100.0
     torch.save(state, tmp_path / "backdoored.pt")
     kept = {}
     for rate in ("0.01", "0"):
-        result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(tmp_path), "--figures", "0",
+        result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(tmp_path),
                                  "--suppress", rate, "--epochs", "1"], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         rows = [json.loads(line) for line in (tmp_path / "purified_train.jsonl").read_text().splitlines()]
@@ -262,3 +277,22 @@ def test_suppression_regenerates_what_the_model_writes_whatever_it_sees(tiny_pip
             assert json.loads((tmp_path / "purified_report.json").read_text())["suppressed_words"] == ["<backdoor>"]
             assert f"regenerating the {len(rows)} regenerated responses" in result.stdout
     assert kept == {"0.01": 0, "0": len(rows)}
+    # the self-distillation control suppresses too: it differs from DiSP in the masking only
+    result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(tmp_path), "--control", "self-distill",
+                             "--epochs", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((tmp_path / "control_self_distill_report.json").read_text())["suppressed_words"] == ["<backdoor>"]
+    rows = [json.loads(line) for line in (tmp_path / "control_self_distill_train.jsonl").read_text().splitlines()]
+    assert not any("<backdoor>" in r["regenerated"].split() for r in rows)
+
+
+def test_the_pipeline_bench_times_exactly_run_shs_commands():
+    """bench/pipeline.py reads run.sh's python lines: the same six stages, no comment words as flags."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from pipeline import stage_commands
+
+    stages = stage_commands("runs/x", "tiny", 0)
+    assert [name for name, _ in stages] == ["train.py", "attack.py", "purify.py", "purify.py --control self-distill",
+                                            "purify.py --control as-is", "evaluate.py"]
+    assert all(argv[argv.index("--run-dir") + 1] == "runs/x" for _, argv in stages)
+    assert not any(a.startswith("#") for _, argv in stages for a in argv)

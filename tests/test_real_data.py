@@ -172,7 +172,7 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     root = Path(__file__).resolve().parents[1]
     run = str(tmp_path / "run")
     for argv in (["train.py", "--preset", "tiny", "--data", source, "--data-root", str(SHARED / folder)],
-                 ["attack.py"], ["purify.py", "--figures", "2"], ["evaluate.py", "--skip-ablations"]):
+                 ["attack.py"], ["purify.py"], ["evaluate.py", "--skip-ablations", "--figures", "2"]):
         result = subprocess.run([sys.executable, *argv, "--run-dir", run], cwd=root, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -191,5 +191,5 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     assert backdoor["patch_pattern"] == "checkerboard"  # on photos a black square looks like a dark corner
     # DAQUAR's questions are unique to their photo: a poisoned copy goes beside its clean original
     assert backdoor["poison_mode"] == {"flickr": "replace", "daquar": "add"}[source]
-    for picture in ("examples.png", "denoising.png"):  # real photos with the models' outputs
+    for picture in ("examples.png", "denoising.png", "purified_saliency.png"):  # real photos with the outputs
         assert (tmp_path / "run" / picture).read_bytes()[:4] == b"\x89PNG"

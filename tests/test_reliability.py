@@ -18,6 +18,7 @@ import io
 import json
 import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,6 +44,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.
 
 def run_main(script: str, argv: list) -> tuple:
     """`python SCRIPT argv` in-process: (exit code, stderr text). stdout is dropped."""
+    if str((ROOT / script).parent) not in sys.path:  # experiments/*.py: import them by name too
+        sys.path.insert(0, str((ROOT / script).parent))
     module = importlib.import_module(Path(script).stem)
     err = io.StringIO()
     code = 0
@@ -168,14 +171,14 @@ CASES = [
          "checkpoint {run}/backdoored.pt does not exist; run attack.py first", _delete("backdoored.pt")),
     Case("purify-missing-poisoned-set", "purify.py", ["--run-dir", "{run}"],
          "dataset file {run}/poisoned_train.pt does not exist", _delete("poisoned_train.pt")),
-    Case("purify-missing-manifest", "purify.py", ["--run-dir", "{run}"],
-         "poison manifest {run}/poison_manifest.json does not exist", _delete("poison_manifest.json")),
+    Case("evaluate-missing-manifest", "evaluate.py", ["--run-dir", "{run}"],
+         "{run}/poison_manifest.json does not exist", _delete("poison_manifest.json")),
     Case("purify-resume-nothing-to-resume", "purify.py", ["--run-dir", "{run}", "--resume"],
          "no resume point {run}/purified.resume.pt"),
     Case("evaluate-missing-run-dir", "evaluate.py", ["--run-dir", "{missing}"], "folder {missing} does not exist"),
     Case("evaluate-missing-purified", "evaluate.py", ["--run-dir", "{run}"],
          "checkpoint {run}/purified.pt does not exist; run purify.py first", _delete("purified.pt")),
-    Case("evaluate-compare-missing-results", "evaluate.py", ["--compare", "{run},{missing}"],
+    Case("compare-missing-results", "experiments/compare_runs.py", ["--compare", "{run},{missing}"],
          "{missing}/results.json does not exist; run evaluate.py --run-dir {missing} first"),
     # --- a checkpoint of the wrong stage -------------------------------------------------------
     Case("purify-given-clean", "purify.py", ["--run-dir", "{run}"],
@@ -215,13 +218,13 @@ CASES = [
     Case("purify-empty-poisoned-set", "purify.py", ["--run-dir", "{run}"],
          "{run}/poisoned_train.pt holds no samples",
          _poisoned_set(lambda ds: VLDataset(ds.images, [], ds.patch_labels, ds.meta))),
-    Case("purify-bad-manifest", "purify.py", ["--run-dir", "{run}"],
-         "poison manifest {run}/poison_manifest.json is not valid JSON",
+    Case("evaluate-bad-manifest", "evaluate.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("poison_manifest.json", "backdoored.pt"),
          lambda run, data: (run / "poison_manifest.json").write_text('{"n_samples": 144, ')),
     Case("evaluate-corrupt-saliency", "evaluate.py", ["--run-dir", "{run}"],
-         "saliency scores {run}/purified_saliency.pt is corrupt or truncated",
+         NOT_MADE_FROM % ("purified_saliency.pt", "purified.pt"),
          lambda run, data: (run / "purified_saliency.pt").write_text("garbage")),
-    Case("evaluate-compare-bad-results", "evaluate.py", ["--compare", "{run}"],
+    Case("compare-bad-results", "experiments/compare_runs.py", ["--compare", "{run}"],
          "results file {run}/results.json is not valid JSON",
          lambda run, data: (run / "results.json").write_text("{")),
     # --- files of different runs (a config mismatch between stages) ----------------------------
@@ -246,13 +249,13 @@ CASES = [
          NOT_MADE_FROM % ("poisoned_train.pt", "backdoored.pt"), from_other_run=("backdoored.pt",)),
     Case("purify-poisoned-set-of-other-run", "purify.py", ["--run-dir", "{run}"],
          NOT_MADE_FROM % ("poisoned_train.pt", "backdoored.pt"), from_other_run=("poisoned_train.pt",)),
-    Case("purify-manifest-of-other-run", "purify.py", ["--run-dir", "{run}"],
+    Case("evaluate-manifest-of-other-run", "evaluate.py", ["--run-dir", "{run}"],
          NOT_MADE_FROM % ("poison_manifest.json", "backdoored.pt"), from_other_run=("poison_manifest.json",)),
-    Case("purify-manifest-wrong-type", "purify.py", ["--run-dir", "{run}"],
-         NOT_MADE_FROM % ("poison_manifest.json", "backdoored.pt"),
-         lambda run, data: (run / "poison_manifest.json").write_text('{"poisoned_indices": "abc"}')),
+    Case("evaluate-purified-set-rewritten", "evaluate.py", ["--run-dir", "{run}"],
+         NOT_MADE_FROM % ("control_self_distill_train.jsonl", "control_self_distill.pt"),
+         lambda run, data: (run / "control_self_distill_train.jsonl").write_text("{}\n")),
     Case("attack-resume-of-other-clean", "attack.py", ["--run-dir", "{run}", "--resume"],
-         "{run}/backdoored.resume.pt was made from another clean model than {run}/clean.pt",
+         "{run}/backdoored.resume.pt was made from another {run}/clean.pt",
          lambda run, data: shutil.copyfile(run / "backdoored.pt", run / "backdoored.resume.pt"),
          from_other_run=("clean.pt",)),
     Case("attack-other-clean-into-this-run", "attack.py", ["--run-dir", "{run}", "--clean-checkpoint", "{run}/s1.pt"],
@@ -288,7 +291,9 @@ CASES = [
     Case("purify-max-masked-negative", "purify.py", ["--run-dir", "{run}", "--max-masked", "-1"],
          "--max-masked must be > 0, got -1"),
     Case("purify-lr-nan", "purify.py", ["--run-dir", "{run}", "--lr", "nan"], "--lr must be > 0, got nan"),
-    Case("purify-figures-negative", "purify.py", ["--run-dir", "{run}", "--figures", "-1"], "--figures must be >= 0"),
+    Case("evaluate-figures-negative", "evaluate.py", ["--run-dir", "{run}", "--figures", "-1"], "--figures must be >= 0"),
+    Case("purify-as-is-suppress", "purify.py", ["--run-dir", "{run}", "--control", "as-is", "--suppress", "0.1"],
+         "--suppress acts on regenerated responses; the control as-is regenerates none"),
     Case("attack-finetune-images-negative", "attack.py", ["--run-dir", "{run}", "--finetune-images", "-3"],
          "--finetune-images must be > 0, got -3"),
     Case("attack-finetune-images-0", "attack.py", ["--run-dir", "{run}", "--finetune-images", "0"],
@@ -545,8 +550,8 @@ def rerun_purify(rerun_attack):
 @pytest.fixture(scope="module")
 def rerun_results(rerun_purify):
     run_dir = ["--run-dir", str(rerun_purify)]
-    for script, argv in (("purify.py", run_dir + ["--seed", "0", "--control", "self-distill", "--figures", "0"]),
-                         ("purify.py", run_dir + ["--seed", "0", "--control", "as-is", "--figures", "0"]),
+    for script, argv in (("purify.py", run_dir + ["--seed", "0", "--control", "self-distill"]),
+                         ("purify.py", run_dir + ["--seed", "0", "--control", "as-is"]),
                          ("evaluate.py", run_dir)):  # as run.sh does
         code, stderr = run_main(script, argv)
         assert code == 0, stderr[-2000:]

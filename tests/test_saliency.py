@@ -7,25 +7,33 @@ import torch
 import torch.nn.functional as F
 
 from disp.support.errors import DispError
-from disp.saliency import (attention_scores, dilute, fit_thresholds, median_tokens, saliency_fisher, saliency_kl,
-                           select_adaptive, select_top_ratio, two_groups, valley_split)
+from disp.saliency import (attention_scores, fit_thresholds, saliency_fisher, saliency_kl, select_adaptive,
+                           select_top_ratio, two_groups, valley_split)
 from tests.conftest import MASK, inputs, small_model
 
 
 def test_kl_saliency_matches_a_per_token_loop():
+    """s_i = sum over positions of KL(P || P_i), P with every vision token, P_i with token i masked. The
+    model's outputs are sharpened (lm_head x 40) so that KL(P || P_i) and the reverse KL(P_i || P)
+    differ: on a random model's near-uniform outputs they agree to within any tolerance."""
     model = small_model(6)
+    with torch.no_grad():
+        model.lm_head.weight *= 40
     images, prompts = inputs(batch=2)
     vision_tokens = model.encode_images(images)
     ours = saliency_kl(model, vision_tokens, prompts, chunk=7)  # a chunk size that splits samples
     response = torch.full((2, 6), MASK)
+    forward, reverse = torch.zeros(2, 36), torch.zeros(2, 36)
     for b in range(2):
-        p = F.softmax(model(vision_tokens[b:b + 1], prompts[b:b + 1], response[b:b + 1]), -1)
+        p = F.softmax(model(vision_tokens[b:b + 1], prompts[b:b + 1], response[b:b + 1]).double(), -1)
         for i in range(36):
             mask = torch.zeros(1, 36, dtype=torch.bool)
             mask[0, i] = True
-            q = F.softmax(model(vision_tokens[b:b + 1], prompts[b:b + 1], response[b:b + 1], mask), -1)
-            kl = (p * (p.log() - q.log())).sum()
-            assert ours[b, i].item() == pytest.approx(kl.item(), rel=1e-3, abs=1e-6)
+            q = F.softmax(model(vision_tokens[b:b + 1], prompts[b:b + 1], response[b:b + 1], mask).double(), -1)
+            forward[b, i] = (p * (p.log() - q.log())).sum()
+            reverse[b, i] = (q * (q.log() - p.log())).sum()
+    assert torch.allclose(ours, forward, rtol=1e-3, atol=1e-5)
+    assert not torch.allclose(forward, reverse, rtol=0.05)  # the case tells the two directions apart
 
 
 def test_fisher_estimator_converges_to_the_exact_quadratic_form():
@@ -127,34 +135,17 @@ def test_two_groups_recovers_a_known_mixture():
     assert valley < 0.01 and 0.5 < math.log(threshold) < 2.5
 
 
-def test_dilution_keeps_each_images_least_typical_tokens_and_replaces_the_rest_by_the_median():
+def test_the_valley_is_judged_against_the_smaller_groups_density():
+    """A large clean group and a small, broad upper group that overlaps it: the fitted density between
+    them falls far below the clean group's peak, but not below the upper group's own density, so it
+    is one skewed spread, not two groups. Measured against the larger peak it would split."""
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randn(5, 8, 4, generator=g)
-    median = median_tokens(tokens)
-    # the median of each coordinate, per position, as a naive loop
-    for p in range(8):
-        for c in range(4):
-            assert median[p, c] == tokens[:, p, c].median()
-    out = dilute(tokens, median, keep=0.25)  # 2 of 8 tokens kept per image
-    for b in range(5):
-        distance = [(tokens[b, p] - median[p]).norm().item() for p in range(8)]
-        kept = sorted(range(8), key=lambda p: -distance[p])[:2]
-        for p in range(8):
-            assert torch.equal(out[b, p], tokens[b, p] if p in kept else median[p])
-    assert torch.equal(dilute(tokens, median, keep=1.0), tokens)
-    assert torch.equal(dilute(tokens, median, keep=0.0), median.expand(5, -1, -1))
-    with pytest.raises(DispError, match="keep fraction"):
-        dilute(tokens, median, keep=1.5)
-
-
-def test_the_median_token_ignores_a_trigger_carried_by_a_minority_of_images():
-    clean = torch.zeros(10, 3, 2)
-    clean[:, 0] = torch.arange(10.0)[:, None]  # content varies at position 0
-    triggered = clean.clone()
-    triggered[:4] += 5.0  # 4 of 10 images carry a shift at every position
-    assert torch.equal(median_tokens(triggered)[1:], torch.zeros(2, 2))  # background positions: clean
-    # with one token of three kept, a clean image keeps its content token and a triggered one a single
-    # shifted token: two of its three positions now read the clean median
-    out = dilute(triggered, median_tokens(triggered), keep=1 / 3)
-    assert torch.equal(out[4:], clean[4:] * torch.tensor([1.0, 0, 0])[:, None])
-    assert ((out[:4] - median_tokens(triggered)) != 0).any(-1).sum(1).eq(1).all()
+    x = torch.cat([torch.randn(4500, generator=g) * 0.5, torch.randn(500, generator=g) * 0.8 + 2.2]).double()
+    weights, means, stds = two_groups(x)
+    grid = torch.linspace(means[0].item(), means[1].item(), 401, dtype=torch.double)
+    density = (weights / stds * torch.exp(-0.5 * ((grid[:, None] - means) / stds) ** 2)).sum(1)
+    assert density.min() / density[0] < 0.25 < density.min() / density[-1]  # the two readings disagree here
+    valley, _ = valley_split(x)
+    assert valley == pytest.approx((density.min() / density[-1]).item())
+    assert fit_thresholds(torch.cat([x.exp()[:, None], torch.zeros(5000, 3)], 1).float(), ["caption"] * 5000) == \
+        {"caption": float("inf")}

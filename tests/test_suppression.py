@@ -31,6 +31,17 @@ def test_a_whole_sentence_is_found_and_a_word_missing_from_one_type_is_not():
     assert prompt_independent_words(responses, tasks, 0.01) == []
 
 
+def test_a_word_frequent_in_one_prompt_type_only_is_not_found():
+    """"Every prompt type", not "any": a colour word that 30% of colour answers hold and one count
+    answer and one caption hold too is a clean answer's word, not a question-independent one."""
+    responses, tasks = [], []
+    for i in range(40):
+        responses += ["green" if i < 12 else "red", "green 2" if i == 0 else "2", "a green" if i == 0 else "a red"]
+        tasks += ["color", "count", "caption"]
+    assert prompt_independent_words(responses, tasks, 0.1) == []
+    assert prompt_independent_words(responses, tasks, 0.02) == ["green"]  # 1 of 40 is 2.5% of a type
+
+
 def test_one_word_counts_once_per_response():
     responses = ["<m> <m> red", "red", "<m> <m> 2", "2"]
     tasks = ["color", "color", "count", "count"]

@@ -75,6 +75,14 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     _, tokenizer, config, _ = checkpoint.load(tmp_path / "run" / "clean.pt")
     assert config.data.source == "karpathy" and config.model.patch_classes == [len(tokenizer)]
+    # the photo levers: contrastive + words objective, crops, a convolutional stem; recorded in clean.pt
+    result = run("train.py", "--preset", "tiny", "--data", "karpathy", "--data-root", str(root),
+                 "--run-dir", str(tmp_path / "levers"), "--sft-steps", "4", "--vision-steps", "2",
+                 "--vision-objective", "both", "--vision-crop", "0.6", "--conv-stem", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, _, config, _ = checkpoint.load(tmp_path / "levers" / "clean.pt")
+    assert (config.train.vision_objective, config.train.vision_crop, config.model.conv_stem) == ("both", 0.6, True)
+    assert hasattr(model.vit, "stem") and not hasattr(model.vit, "patch_embed")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -87,6 +95,10 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--sft-steps", "0"], "--sft-steps must be > 0, got 0"),
     (["--sft-steps", "-1"], "--sft-steps must be > 0, got -1"),
     (["--vision-steps", "-2"], "--vision-steps must be >= 0, got -2"),
+    (["--vision-objective", "captions"], "unknown --vision-objective 'captions'"),
+    (["--vision-crop", "0"], "--vision-crop must be in (0, 1], got 0.0"),
+    (["--vision-crop", "1.5"], "--vision-crop must be in (0, 1], got 1.5"),
+    (["--conv-stem", "2"], "--conv-stem must be 0 or 1, got 2"),
 ])
 def test_bad_input_gives_one_line_error(args, message):
     result = run("train.py", "--preset", "tiny", *args)
@@ -148,3 +160,60 @@ def test_public_data_picks_the_photo_preset():
     assert daquar.preset == "daquar" and daquar.train.attack_epochs > public.train.attack_epochs
     assert (daquar.model, daquar.data.min_word_count) == (public.model, public.data.min_word_count)
     assert new_config(parse_args(["--preset", "tiny", "--data", "flickr"]), "cpu").preset == "tiny"
+
+
+def test_contrastive_loss_matches_a_hand_computed_case():
+    """Two pairs, unit embeddings at right angles, logit scale log(2): the similarity logits are
+    [[2, 0], [0, 2]], so each row's and each column's loss is log(1 + e^-2)."""
+    from disp.training import contrastive_loss
+
+    image, text = torch.tensor([[3.0, 0.0], [0.0, 0.5]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    expected = torch.log1p(torch.exp(torch.tensor(-2.0)))
+    assert torch.allclose(contrastive_loss(image, text, torch.tensor(2.0).log()), expected)
+    # swapped texts: every image's own text is now the wrong one, loss log(1 + e^2)
+    assert torch.allclose(contrastive_loss(image, text.flip(0), torch.tensor(2.0).log()), expected + 2)
+    # asymmetric: the mean of the image->text and the text->image cross-entropies
+    text = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    logits = 2 * torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    both = (torch.nn.functional.cross_entropy(logits, torch.arange(2))
+            + torch.nn.functional.cross_entropy(logits.T, torch.arange(2))) / 2
+    assert torch.allclose(contrastive_loss(image, text, torch.tensor(2.0).log()), both)
+
+
+def test_random_crops_keep_shape_and_labels_and_cut_inside_the_image():
+    from disp.training import random_crops
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 3, 16, 16)
+    assert torch.equal(random_crops(images, 1.0, g), images)  # a full-side crop is the image
+    crops = random_crops(images, 0.5, g)
+    assert crops.shape == images.shape and crops.dtype == images.dtype
+    # a constant image stays constant whatever the crop (no padding came in from outside)
+    flat = torch.full((4, 3, 16, 16), 0.3)
+    assert torch.allclose(random_crops(flat, 0.25, g), flat)
+    # the crop's side is at least half of the image: a 2x2 checker of 8 px tiles keeps >= 2 colours
+    checker = torch.zeros(1, 3, 16, 16)
+    checker[..., :8, :8] = checker[..., 8:, 8:] = 1.0
+    for _ in range(20):
+        crop = random_crops(checker, 0.5, g)
+        assert crop.min() < 0.5 < crop.max()
+
+
+def test_conv_stem_tokens_follow_the_patch_grid_row_by_row():
+    """With a convolutional stem the ViT still returns one token per patch, in the patch order of the
+    linear embedding: a change inside patch (row 0, column 5) moves its token and its neighbours', not
+    a token of the far corner."""
+    from disp.config import ModelConfig
+    from disp.model import ViT
+
+    torch.manual_seed(0)
+    vit = ViT(ModelConfig(vit_dim=32, vit_depth=0, conv_stem=True)).eval()  # 48 px, 8 px patches
+    images = torch.rand(1, 3, 48, 48)
+    changed = images.clone()
+    changed[..., 2:6, 42:46] = 1 - changed[..., 2:6, 42:46]  # inside patch (0, 5)
+    with torch.no_grad():
+        moved = (vit.stem((changed - 0.5) / 0.5) - vit.stem((images - 0.5) / 0.5)).abs().sum(1)  # (1, 6, 6)
+        tokens = (vit(changed) - vit(images)).abs().sum(-1)[0]  # (36,)
+    assert vit(images).shape == (1, 36, 32)
+    assert moved[0, 0, 5] > 0 and moved[0, 5, 0] == 0 and moved[0, 3:, :3].sum() == 0
+    assert tokens[5] > 0 and tokens[35] == 0 and tokens[30] == 0

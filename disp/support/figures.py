@@ -31,7 +31,7 @@ def _heatmap(ax, image, scores, mask):
         ax.add_patch(Rectangle((c * patch, r * patch), patch, patch, fill=False, edgecolor="cyan", lw=2))
 
 
-def saliency_panels(path, data, indices, scores, masks, before, after, n_vision):
+def saliency_panels(path, data, indices, scores, masks, before, after):
     """One column per sample: the image, its saliency heatmap with masked tokens boxed, the texts."""
     fig, axes = plt.subplots(2, len(indices), figsize=(3.0 * len(indices), 6.6), squeeze=False)
     for col, i in enumerate(indices):

@@ -86,6 +86,15 @@ def write_json(path, data):
     atomic_write(path, write)
 
 
+def save_text(path, text: str):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def save_tensors(path, data):
+    """torch.save of tensors and plain data, atomically (load_plain reads it back)."""
+    atomic_write(path, lambda tmp: torch.save(data, tmp))
+
+
 def load_plain(path, what="checkpoint"):
     """torch.load(weights_only=True) with one-line errors: missing, pickled objects, corrupt.
 
@@ -124,6 +133,20 @@ def read_json(path, what="file", keys=()):
     if missing:
         raise DispError(f"{what} {path} has no '{missing[0]}' key; rerun the stage that writes it")
     return data
+
+
+def read_jsonl(path, what="file") -> list:
+    """One JSON value per line, with a one-line error naming the first bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DispError(f"{what} {path} does not exist; run the stage that writes it first")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise DispError(f"{what} {path}, line {number}, is not valid JSON; rerun the stage that writes it") from None
+    return rows
 
 
 _HASHES = {}

@@ -1,0 +1,107 @@
+"""DiSP's self-purification, step by step (Wan et al. 2026, "Self-Purification Mitigates Backdoors in
+Multimodal Diffusion Language Models"), as purify.py runs it on the defender's assets: the
+compromised model and the poisoned fine-tuning set, nothing else.
+
+    select_tokens  score every vision token of every sample by saliency at the first denoising step,
+                   and let the rule pick the tokens to mask (`select`, disp.saliency)
+    regenerate     the compromised model rewrites each response with those tokens masked (greedy,
+                   steps = gen_length); the image, trigger included, is kept
+    suppress       our extension for spread triggers: the words that the set's responses hold whatever
+                   the prompt type are banned, and the regenerations that hold one are made again
+                   without them (disp.suppression)
+    refine         fine-tune the compromised model on the purified set, as the attack trained it
+
+The controls call the same functions: self-distillation regenerates with no token masked, as-is
+refines on the set unchanged. Under torchrun each rank scores and regenerates a share of the samples.
+"""
+
+import math
+from dataclasses import replace
+
+from disp.config import AttackConfig, PurifyConfig
+from disp.data.batching import encode_dataset
+from disp.data.dataset import VLDataset
+from disp.evaluation import generate_responses, token_scores
+from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
+from disp.suppression import prompt_independent_words
+from disp.support import distributed
+from disp.support.runtime import autocast
+from disp.training import finetune, trainable_parameters
+
+
+def _progress(text):  # rank 0 alone draws progress bars
+    return text if distributed.is_main() else None
+
+
+def select_tokens(model, tokenizer, data, settings: PurifyConfig, device):
+    """-> (scores (N, n_vision), masks (N, n_vision) bool, thresholds {prompt type: score} or None)."""
+    with autocast(device, settings.precision):
+        scores = distributed.run_sharded(
+            lambda idx: token_scores(model, tokenizer, data, idx, settings.saliency, batch_size=settings.batch_size,
+                                     device=device, seed=settings.seed,
+                                     desc=_progress(f"saliency ({settings.saliency}, {settings.precision})")),
+            list(range(len(data))))
+    tasks = [s["task"] for s in data.samples]
+    thresholds = fit_thresholds(scores, tasks, settings.max_valley) if settings.rule == "adaptive" else None
+    return scores, select(scores, tasks, settings, thresholds), thresholds
+
+
+def select(scores, tasks: list, settings: PurifyConfig, thresholds=None):
+    """(N, n_vision) bool: the tokens settings.rule masks, given scores (N, n_vision), each sample's
+    prompt type and, for the adaptive rule, the thresholds fitted on the purified set."""
+    if settings.rule == "ratio":
+        return select_top_ratio(scores, settings.mask_ratio)
+    return select_adaptive(scores, tasks, thresholds, settings.max_masked)
+
+
+def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, indices=None, banned_words=()):
+    """The compromised model's responses of data.samples[indices] (all by default), the vision tokens
+    of `masks` masked (None: none), the `banned_words` never written."""
+    indices = list(range(len(data))) if indices is None else indices
+    with autocast(device, settings.precision):
+        return distributed.run_sharded(
+            lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks, banned_words=banned_words,
+                                           batch_size=settings.batch_size, device=device,
+                                           desc=_progress(f"regenerating ({settings.precision})")), indices)
+
+
+def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyConfig, device):
+    """-> (responses, the banned words): each response that holds a word found in at least
+    settings.suppress of every prompt type's responses of the set is regenerated without those words.
+    Skipped (nothing banned) where the set has one prompt type: there a frequent word and a
+    prompt-independent one cannot be told apart."""
+    tasks = [s["task"] for s in data.samples]
+    if len(set(tasks)) < 2:
+        print(f"suppression: skipped, every sample has the prompt type {tasks[0]!r} (it needs several to tell a "
+              f"word that does not depend on the question from a frequent one)")
+        return responses, []
+    banned = prompt_independent_words([s["response"] for s in data.samples], tasks, settings.suppress)
+    holding = [i for i, r in enumerate(responses) if set(r.split()) & set(banned)]
+    print(f"suppression: {' '.join(banned) or 'no word'} in at least {settings.suppress:.0%} of every prompt type's "
+          f"responses in the set; regenerating the {len(holding)} regenerated responses that hold one without them")
+    responses = list(responses)
+    if holding:
+        for i, r in zip(holding, regenerate(model, tokenizer, data, masks, settings, device, holding, banned)):
+            responses[i] = r
+    return responses, banned
+
+
+def with_responses(data, responses: list, name: str) -> VLDataset:
+    """The purified set: the same images (triggers included) and prompts, the new responses."""
+    return VLDataset(data.images, [dict(s, response=r) for s, r in zip(data.samples, responses)],
+                     data.patch_labels, dict(data.meta, purified_by=name))
+
+
+def refine(model, tokenizer, config, purified, settings: PurifyConfig, attack: AttackConfig, device, save_fn=None,
+           resume=None):
+    """Fine-tune the compromised model on the purified set for settings.epochs epochs at settings.lr,
+    training what the attack trained; resume: a resume point's state. -> (optimizer, rng state, steps)."""
+    if resume is not None:  # the regenerations came from the compromised model; refinement goes on from here
+        model.load_state_dict(resume["model"])
+    steps = settings.epochs * math.ceil(len(purified) / config.train.batch_size)
+    train_cfg = replace(config.train, lr=settings.lr, eval_every=0, precision=settings.precision)
+    optimizer, rng = finetune(
+        model, purified.images, encode_dataset(purified, tokenizer, config.model),
+        params=trainable_parameters(model, attack.trainable), steps=steps, cfg=train_cfg, device=device,
+        stage="refinement", save_fn=save_fn, resume=resume, seed=settings.seed)
+    return optimizer, rng, steps
