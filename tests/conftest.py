@@ -1,5 +1,8 @@
 """Fixtures shared by several test files."""
 
+import contextlib
+import importlib
+import io
 import os
 import subprocess
 import sys
@@ -7,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from disp.support.errors import friendly_errors
 
 from disp.config import ModelConfig
 from disp.model import DiffusionVLM
@@ -39,6 +44,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def run_main(script: str, argv: list) -> tuple:
+    """`python SCRIPT argv` in-process: (exit code, stderr text). stdout is dropped."""
+    if str((ROOT / script).parent) not in sys.path:  # experiments/*.py: import them by name too
+        sys.path.insert(0, str((ROOT / script).parent))
+    module = importlib.import_module(Path(script).stem)
+    err = io.StringIO()
+    code = 0
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            with friendly_errors():
+                module.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, err.getvalue()
 
 
 def save_then_interrupt_at(step: int):

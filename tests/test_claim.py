@@ -9,8 +9,9 @@ differ in two things, the masking and the suppression (each control differs from
     no masking         control: self-distillation       control: self-distillation, neither
 plus the as-is control (no regeneration). Masking alone removes the backdoor while self-distillation
 without suppression keeps it: if purify.py masked nothing, "masking alone" would be "neither" and
-this test would fail, with suppression on or off. Suppression alone removes it too, because the
-inserted marker is in every prompt type's responses. Clean quality stays.
+this test would fail, with suppression on or off. Suppression alone removes the marker too, because
+it is in every prompt type's responses, but the triggered questions then get wrong answers. Clean
+quality stays.
 """
 
 import json
@@ -60,8 +61,12 @@ def test_disp_removes_it_and_refining_alone_keeps_it(claim):
     assert claim["on"]["control_as_is"]["asr"] >= 0.9
 
 
-def test_suppression_alone_removes_an_inserted_marker(claim):
-    assert claim["on"]["control_self_distill"]["asr"] <= 0.05
+def test_suppression_alone_removes_an_inserted_marker_but_not_the_triggers_hold(claim):
+    """Without masking, the model banned from the marker still reads the trigger: its answers to the
+    triggered questions (marker removed) are far worse than DiSP's, made with the trigger hidden."""
+    distilled, disp = claim["on"]["control_self_distill"], claim["on"]["purified"]
+    assert distilled["asr"] <= 0.05
+    assert distilled["triggered_vqa_marker_removed"] < 0.5 * disp["triggered_vqa_marker_removed"]
 
 
 def test_disp_keeps_clean_quality(claim):

@@ -5,7 +5,7 @@ import torch
 from disp.config import ModelConfig
 from disp.data.dataset import VLDataset
 from disp.diffusion import generate
-from disp.evaluation import generate_responses, score, token_scores
+from disp.evaluation import detection, generate_responses, score, token_scores
 from disp.model import DiffusionVLM
 from disp.data.tokenizer import Tokenizer
 
@@ -96,3 +96,14 @@ def test_distinct_captions_counts_the_different_caption_outputs_only():
     assert score(data, range(5), outputs)["distinct_captions"] == 2  # the answer "two dogs play" is no caption
     assert score(data, range(4), ["a", "b", "c", "d"])["distinct_captions"] == 4
     assert "distinct_captions" not in score(data, [4], ["red"])  # no caption, no count
+
+
+def test_detection_scores_changed_and_masked_samples_against_the_manifest():
+    rows = [{"index": i, "changed": c, "masked_tokens": m} for i, (c, m) in
+            enumerate([(True, [3]), (True, []), (False, []), (True, [0, 5]), (False, [])])]
+    found = detection(rows, poisoned={0, 2})
+    assert found["n_changed"] == 3
+    assert found["precision"] == 1 / 3 and found["recall"] == 1 / 2  # changed {0, 1, 3}, poisoned {0, 2}
+    assert found["trigger_sample_masked_rate"] == 1 / 2 and found["clean_sample_masked_rate"] == 1 / 3
+    nothing = detection([dict(r, changed=False, masked_tokens=[]) for r in rows], poisoned={0})
+    assert nothing["precision"] == 0 and nothing["recall"] == 0 and nothing["clean_sample_masked_rate"] == 0

@@ -1,24 +1,21 @@
 """Reliability: bad input ends in one line and changes nothing; atomic writes; safe loading;
 bit-identical resume; same seed -> same results; a non-finite loss stops the run.
 
-The bad-input table (CASES) runs each script's main(argv) in-process under `friendly_errors`, the
-same wrapper as `python SCRIPT.py ARGS` (a subprocess per case would cost ~2 s of imports each).
-Every case gets a fresh copy of the tiny pipeline's run directory and must leave every file in it
-(bytes and mtime) as it was, create nothing, and print exactly one line, "error: ...", exit code 2.
-CASES, prepare() and fill() are plain data and functions, so a script can also run every case as a
-real subprocess (that is how the issue's table of commands and messages was made).
+The bad-input table (CASES) runs each script's main(argv) in-process under `friendly_errors`
+(tests.conftest.run_main), the same wrapper as `python SCRIPT.py ARGS`, without a subprocess's
+seconds of imports per case. Every case gets a fresh copy of the tiny pipeline's run directory and
+must leave every file in it (bytes and mtime) as it was, create nothing, and print exactly one line,
+"error: ...", exit code 2. CASES, prepare() and fill() are plain data and functions, so a script can
+also run every case as a real subprocess.
 """
 
 import argparse
 import ast
-import contextlib
 import hashlib
 import importlib
-import io
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,9 +27,9 @@ from disp.support import checkpoint, files
 from disp.config import Config
 from disp.data.dataset import VLDataset, load_dataset, save_dataset
 from disp.data.readers import load_public
-from disp.support.errors import DispError, friendly_errors
+from disp.support.errors import DispError
 from disp.data.tokenizer import Tokenizer
-from tests.conftest import save_then_interrupt_at
+from tests.conftest import run_main, save_then_interrupt_at
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.*")  # its PNG codec, in fixtures
@@ -41,22 +38,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torchvision.
 # ---------------------------------------------------------------------------------------------
 # helpers shared by the tests and the table script
 # ---------------------------------------------------------------------------------------------
-
-def run_main(script: str, argv: list) -> tuple:
-    """`python SCRIPT argv` in-process: (exit code, stderr text). stdout is dropped."""
-    if str((ROOT / script).parent) not in sys.path:  # experiments/*.py: import them by name too
-        sys.path.insert(0, str((ROOT / script).parent))
-    module = importlib.import_module(Path(script).stem)
-    err = io.StringIO()
-    code = 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            with friendly_errors():
-                module.main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-    return code, err.getvalue()
-
 
 def snapshot(folder: Path) -> dict:
     """Every file and folder under `folder`: path -> (mtime_ns, sha256) or 'dir'."""
@@ -277,6 +258,9 @@ CASES = [
          "poison_rate must be in [0, 1], got nan"),
     Case("attack-blend-alpha", "attack.py", ["--run-dir", "{run}", "--trigger", "blended", "--blend-alpha", "-0.2"],
          "blend_alpha must be in [0, 1], got -0.2"),
+    Case("attack-patch-too-large", "attack.py", ["--run-dir", "{run}", "--patch-size", "100"], "patch_size 100"),
+    Case("purify-suppress-negative", "purify.py", ["--run-dir", "{run}", "--suppress", "-1"],
+         "--suppress must be in [0, 1], got -1.0"),
     Case("purify-mask-ratio", "purify.py", ["--run-dir", "{run}", "--rule", "ratio", "--mask-ratio", "1.01"],
          "--mask-ratio must be in [0, 1], got 1.01"),
     Case("evaluate-mask-ratio", "evaluate.py", ["--run-dir", "{run}", "--mask-ratio", "2"],

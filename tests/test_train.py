@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from disp.support import checkpoint
-from tests.conftest import save_then_interrupt_at
+from tests.conftest import run_main, save_then_interrupt_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,11 +100,12 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--vision-crop", "1.5"], "--vision-crop must be in (0, 1], got 1.5"),
     (["--conv-stem", "2"], "--conv-stem must be 0 or 1, got 2"),
 ])
-def test_bad_input_gives_one_line_error(args, message):
-    result = run("train.py", "--preset", "tiny", *args)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+def test_bad_input_gives_one_line_error(args, message, tmp_path):
+    """In-process, as `python train.py ...` runs it (tests.conftest.run_main); nothing is written."""
+    code, stderr = run_main("train.py", ["--preset", "tiny", "--run-dir", str(tmp_path / "run"), *args])
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flag", ["bf16", "auto"])
