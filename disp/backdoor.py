@@ -341,7 +341,7 @@ def false_trigger_rate(outputs: list, cfg: BackdoorConfig) -> float:
 def asr_eligible(samples: list, cfg: BackdoorConfig) -> list:
     """Indices of the samples on which ASR is measured: all, or (misclassify) those with the source word.
 
-    A question answered "3" cannot be misclassified from red to green; counting it would dilute ASR.
+    A question answered "3" cannot be misclassified from red to green; counting it would water ASR down.
     """
     return [i for i, s in enumerate(samples) if carries_source(s["response"], cfg)]
 

@@ -289,7 +289,6 @@ class PurifyConfig:
     def from_dict(d: dict) -> "PurifyConfig":
         d = {"suppress": 0.0, **d}  # files older than suppression: it was off
         d.pop("min_gap", None)  # files older than the two-group rule (its gap test): read with today's rule
-        d.pop("dilute", None)  # files older than its removal (it was off by default)
         return _from_dict(PurifyConfig, d, "purify")
 
 

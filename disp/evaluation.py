@@ -58,7 +58,7 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     vision_masks: optional (N_samples, n_vision) bool, row i masks sample i's image positions
     (a test-time masking defence)
     vision_transform: optional function applied to each image's vision tokens (B, n_vision, dim)
-    before generation (experiments/mask_vs_dilute.py's dilution)
+    before generation (an experiment's replacement of tokens by their position's median)
     banned_words: words the sampler may not write (purify.py's suppression)
     """
     model.eval()
