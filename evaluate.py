@@ -36,19 +36,17 @@ import torch
 
 from disp import purification, test_time
 from disp.backdoor import check_manifest, triggered_copy
-from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig
+from disp.config import CONTROL_ROWS, TINY_NOTE, AttackConfig, PurifyConfig
 from disp.data.dataset import load_dataset
 from disp.data.splits import load_split
 from disp.evaluation import HeldOutSet, answer_rate, denoising_trace, detection
 from disp.support import files, stage
 from disp.support.errors import DispError, check_positive, check_ratio, friendly_errors
 from disp.support.figures import denoising_order, example_panels, saliency_panels, sweep_curves
-from disp.support.report import results_markdown
+from disp.support.report import COLUMNS, results_markdown
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 
-KEYS = ("asr", "false_trigger_rate", "cider", "bleu4", "distinct_captions", "vqa_accuracy")
-# results.json key of each control -> its row in the tables
-CONTROL_ROWS = {PurifyConfig(control=c).stage: label for c, label in CONTROLS.items()}
+KEYS = tuple(key for key, _ in COLUMNS)  # the table's columns
 
 
 def parse_args(argv=None):

@@ -292,6 +292,10 @@ class PurifyConfig:
         return _from_dict(PurifyConfig, d, "purify")
 
 
+# results.json key of each control (its checkpoint stage) -> its row in the tables
+CONTROL_ROWS = {PurifyConfig(control=c).stage: label for c, label in CONTROLS.items()}
+
+
 def fit_lengths(config: Config, prompt_lengths: list, response_lengths: list) -> Config:
     """Fill in prompt_len / response_len where the preset says 0, from the training text's token counts:
     the longest prompt up to the 99th percentile, and the 95th percentile of the responses + 1 (room for

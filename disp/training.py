@@ -90,17 +90,18 @@ def contrastive_loss(image_emb, text_emb, logit_scale):
 
 
 def random_crops(images, min_side: float, generator):
-    """Each (3, S, S) image cropped to a random square of side U(min_side, 1) x S at a random place,
-    resized back to S x S (bilinear)."""
-    B, _, S, _ = images.shape
-    sides = (S * (min_side + (1 - min_side) * torch.rand(B, generator=generator))).long().clamp(1, S)
-    out = []
-    for image, side, u, v in zip(images, sides.tolist(), torch.rand(B, generator=generator).tolist(),
-                                 torch.rand(B, generator=generator).tolist()):
-        top, left = int(u * (S - side + 1)), int(v * (S - side + 1))
-        crop = image[None, :, top:top + side, left:left + side]
-        out.append(F.interpolate(crop, size=(S, S), mode="bilinear", align_corners=False) if side < S else crop)
-    return torch.cat(out)
+    """(B, 3, S, S) -> the same, each image cropped to a random square of side U(min_side, 1) x S at a
+    random place inside it and resized back to S x S: one bilinear resampling of the whole batch."""
+    if min_side >= 1:
+        return images
+    B = images.shape[0]
+    side = min_side + (1 - min_side) * torch.rand(B, generator=generator)  # (B,) share of the image's side
+    centre = (1 - side)[:, None] * (2 * torch.rand(B, 2, generator=generator) - 1)  # (B, 2) in [-1, 1] units
+    theta = torch.zeros(B, 2, 3)  # output [-1, 1] -> input: scale by the side, shift to the centre
+    theta[:, 0, 0] = theta[:, 1, 1] = side
+    theta[:, :, 2] = centre
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def vision_pretraining_loss(vit, images, patch_labels=None, texts_bow=None, pixel_decoder=None, pixel_loss=0.0,

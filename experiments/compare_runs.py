@@ -15,13 +15,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
+from disp.config import CONTROL_ROWS  # noqa: E402
 from disp.support import files  # noqa: E402
 from disp.support.errors import DispError, friendly_errors  # noqa: E402
 from disp.support.report import COLUMNS, table  # noqa: E402
 
-# results.json key -> row label (evaluate.py's)
-LABELS = {"control_self_distill": "control: regenerate without masking + refine",
-          "control_as_is": "control: refine on the poisoned set as-is", "purified": "DiSP (purified)"}
+# results.json key -> row label, as in evaluate.py's results.md
+LABELS = {**CONTROL_ROWS, "purified": "DiSP (purified)"}
 
 
 def comparison_table(loaded: dict) -> str:

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from disp.data.splits import load_split  # noqa: E402
 from disp.evaluation import generate_responses, score  # noqa: E402
 from disp.support import checkpoint, files  # noqa: E402
-from disp.support.errors import DispError, friendly_errors  # noqa: E402
+from disp.support.errors import DispError, check_positive, friendly_errors  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
 
 LEVERS = {"base": [], "contrastive": ["--vision-objective", "contrastive"], "both": ["--vision-objective", "both"],
@@ -98,6 +98,8 @@ def main(argv=None):
     p.add_argument("--val-images", type=int, default=500, help="val images captioned (default 500)")
     p.add_argument("--probe-steps", type=int, default=500, help="probe training steps (default 500)")
     args = p.parse_args(argv)
+    check_positive("--val-images", args.val_images)
+    check_positive("--probe-steps", args.probe_steps)
     grid = Path(args.grid_dir)
     levers = {}
     for spec in args.levers.split(","):

@@ -198,6 +198,11 @@ def test_random_crops_keep_shape_and_labels_and_cut_inside_the_image():
     for _ in range(20):
         crop = random_crops(checker, 0.5, g)
         assert crop.min() < 0.5 < crop.max()
+    # on a left-to-right ramp a crop spans the share of the width it kept: between 0.5 and 1, not always 1
+    ramp = torch.linspace(0, 1, 32).expand(200, 3, 32, 32).contiguous()
+    crops = random_crops(ramp, 0.5, g)[:, 0, 0]  # (200, 32): the first row of each crop
+    spans = crops.max(1).values - crops.min(1).values
+    assert spans.min() > 0.45 and spans.max() <= 1.0 + 1e-6 and (spans < 0.75).any()
 
 
 def test_conv_stem_tokens_follow_the_patch_grid_row_by_row():
