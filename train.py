@@ -28,7 +28,7 @@ from disp.data.splits import SOURCES, load_splits
 from disp.data.tokenizer import Tokenizer
 from disp.evaluation import clean_metrics, generate_responses, majority_answer, split_indices
 from disp.support import checkpoint, distributed, files, stage
-from disp.support.errors import DispError, check_choice, friendly_errors
+from disp.support.errors import DispError, check_choice, check_positive, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
 from disp.training import finetune, pretrain_vision
 
@@ -55,6 +55,11 @@ def parse_args(argv=None):
                         "the preset's; 1: none)")
     x.add_argument("--conv-stem", type=int, default=None, help="1: a convolutional stem instead of the linear patch "
                                                                "embedding, 0: none (default: the preset's)")
+    x.add_argument("--block-length", type=int, default=None,
+                   help="the sampler's block: write responses this many tokens at a time, left to right (default: the "
+                        "preset's; 0: the whole response in one block). Stored in clean.pt; the later stages use it")
+    x.add_argument("--sft-vit-lr", type=float, default=None,
+                   help="fine-tune the ViT during SFT at this peak learning rate (default: the preset's; 0: frozen)")
     x.add_argument("--precision", default=None,
                    help="the run's precision for training and generation: auto (bf16 autocast on hardware with "
                         "fast bf16 units, else fp32) | fp32 | bf16 (default: the preset's: auto; tiny: fp32). "
@@ -73,7 +78,7 @@ def new_config(args, device) -> Config:
                    data_root=str(Path(args.data_root).resolve()) if args.data_root else data.data_root)
     check_choice("--data", data.source, SOURCES)
     given = {"sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "precision": args.precision,
-             "vision_objective": args.vision_objective, "vision_crop": args.vision_crop}
+             "vision_objective": args.vision_objective, "vision_crop": args.vision_crop, "sft_vit_lr": args.sft_vit_lr}
     train = replace(train, seed=seed, **{k: v for k, v in given.items() if v is not None}).validate()
     train = replace(train, precision=resolve_precision(train.precision, device))
     model = config.model
@@ -81,6 +86,9 @@ def new_config(args, device) -> Config:
         if args.conv_stem not in (0, 1):
             raise DispError(f"--conv-stem must be 0 or 1, got {args.conv_stem}")
         model = replace(model, conv_stem=bool(args.conv_stem))
+    if args.block_length is not None:
+        check_positive("--block-length", args.block_length, allow_zero=True)
+        model = replace(model, block_length=args.block_length)
     return replace(config, data=data, model=model, train=train)
 
 
@@ -90,11 +98,13 @@ def resumed_config(args, resume: dict, path: Path) -> Config:
     stored = {"preset": config.preset, "seed": config.train.seed, "data": config.data.source,
               "data_root": config.data.data_root, "sft_steps": config.train.sft_steps,
               "vision_steps": config.train.vision_steps, "vision_objective": config.train.vision_objective,
-              "vision_crop": config.train.vision_crop, "conv_stem": int(config.model.conv_stem)}
+              "vision_crop": config.train.vision_crop, "conv_stem": int(config.model.conv_stem),
+              "sft_vit_lr": config.train.sft_vit_lr, "block_length": config.model.block_length}
     given = {"preset": args.preset if args.preset != "auto" else None, "seed": args.seed, "data": args.data,
              "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
              "sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "vision_objective": args.vision_objective,
-             "vision_crop": args.vision_crop, "conv_stem": args.conv_stem}
+             "vision_crop": args.vision_crop, "conv_stem": args.conv_stem, "sft_vit_lr": args.sft_vit_lr,
+             "block_length": args.block_length}
     stage.check_same_flags(path, stored, given)
     return config
 
@@ -156,7 +166,7 @@ def main(argv=None):
             resume = None
         print(f"resuming SFT at step {resume['step'] if resume else 0}")
 
-    # --- phase 2: masked-diffusion SFT, ViT frozen ---------------------------------------------
+    # --- phase 2: masked-diffusion SFT (ViT frozen unless sft_vit_lr > 0) -----------------------
     caption_idx, vqa_idx = split_indices(val, config.train.eval_samples)
 
     def validate(step):
@@ -169,7 +179,7 @@ def main(argv=None):
         model, train.images, encode_dataset(train, tokenizer, config.model),
         params=model.text_parameters(), steps=config.train.sft_steps, cfg=config.train, device=device,
         stage="clean SFT", save_fn=save_resume, eval_fn=validate, resume=resume,
-        vision_mask_max=config.train.vision_mask_max, seed=config.train.seed,
+        vision_mask_max=config.train.vision_mask_max, seed=config.train.seed, vit_lr=config.train.sft_vit_lr,
     )
     if not distributed.is_main():  # rank 0 measures and writes
         return distributed.close()

@@ -66,10 +66,20 @@ class ModelConfig:
     # the ViT's patch embedding: False, one linear map per patch; True, a stack of overlapping 3x3
     # convolutions down to the patch grid (a convolutional stem, Xiao et al. 2021)
     conv_stem: bool = False
+    # the sampler's block (LLaDA's semi-autoregressive decoding): the response is written block_length
+    # tokens at a time, left to right, each block by confidence. 0: one block, the whole response. A
+    # long caption written in one block fixes its length at the first steps (the [EOS] pads are the
+    # most confident tokens) and comes out short and generic (experiments/README.md, "Sampler")
+    block_length: int = 0
 
     @property
     def n_vision(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def gen_block(self) -> int:
+        """The sampler's block length: block_length, or the whole response."""
+        return self.block_length or self.response_len
 
     @property
     def seq_len(self) -> int:
@@ -88,8 +98,9 @@ class TrainConfig:
     # "both". vision_crop < 1: random square crops of at least this share of the side, resized back
     vision_objective: str = "words"
     vision_crop: float = 1.0
-    sft_steps: int = 6000  # phase 2: multimodal SFT with the masked-diffusion loss (ViT frozen)
+    sft_steps: int = 6000  # phase 2: multimodal SFT with the masked-diffusion loss
     lr: float = 1e-3
+    sft_vit_lr: float = 0.0  # phase 2: the ViT's peak learning rate (0: frozen, its features computed once)
     batch_size: int = 64
     weight_decay: float = 0.01
     warmup_steps: int = 100
@@ -111,6 +122,7 @@ class TrainConfig:
         check_positive("--vision-steps", self.vision_steps, allow_zero=True)
         check_positive("batch size", self.batch_size)
         check_positive("learning rate", self.lr)
+        check_positive("--sft-vit-lr", self.sft_vit_lr, allow_zero=True)
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--vision-objective", self.vision_objective, VISION_OBJECTIVES)
         if not 0 < self.vision_crop <= 1:
@@ -140,10 +152,11 @@ class Config:
 
 # public photos (Flickr8k, COCO, Flickr30k, DAQUAR) on a CPU: 64 px -> 8x8 = 64 vision tokens,
 # prompt/response lengths fitted to the data, rare words -> [UNK], a ViT pretrained without
-# labels (bag of words of the image's texts + patch-pixel reconstruction)
+# labels (bag of words of the image's texts + patch-pixel reconstruction), captions written 4 tokens
+# at a time
 PHOTO = Config(
     data=DataConfig(train_images=6000, val_images=100, test_images=1000, finetune_images=1000, min_word_count=5),
-    model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0),
+    model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0, block_length=4),
     train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=3000, eval_every=1000, eval_samples=100,
                       attack_epochs=50),
     preset="photo",
@@ -173,7 +186,7 @@ PRESETS = {
         data=DataConfig(train_images=200000, val_images=200, test_images=1000, finetune_images=3000,
                         min_word_count=5),
         model=ModelConfig(image_size=128, patch_size=8, vit_dim=256, vit_depth=6, vit_heads=8, dim=384, depth=8,
-                          heads=8, prompt_len=0, response_len=0),
+                          heads=8, prompt_len=0, response_len=0, block_length=4),
         train=TrainConfig(vision_steps=5000, pixel_loss=1.0, sft_steps=20000, batch_size=128, lr=5e-4,
                           eval_every=2000, eval_samples=200, attack_epochs=50),  # as photo (not measured on a GPU)
         preset="gpu-photo",
@@ -299,13 +312,15 @@ CONTROL_ROWS = {PurifyConfig(control=c).stage: label for c, label in CONTROLS.it
 def fit_lengths(config: Config, prompt_lengths: list, response_lengths: list) -> Config:
     """Fill in prompt_len / response_len where the preset says 0, from the training text's token counts:
     the longest prompt up to the 99th percentile, and the 95th percentile of the responses + 1 (room for
-    an inserted marker), at least 8 (a refusal sentence fits)."""
+    an inserted marker), at least 8 (a refusal sentence fits); rounded up to whole sampler blocks."""
     def percentile(values, q):
         values = sorted(values)
         return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)] if values else 0
     model = config.model
     prompt_len = model.prompt_len or max(1, percentile(prompt_lengths, 0.99))
     response_len = model.response_len or max(8, percentile(response_lengths, 0.95) + 1)
+    if model.block_length:
+        response_len = math.ceil(response_len / model.block_length) * model.block_length
     return replace(config, model=replace(model, prompt_len=prompt_len, response_len=response_len))
 
 

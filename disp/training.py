@@ -191,13 +191,18 @@ class Finetuner:
     """
 
     def __init__(self, model, images, data: EncodedData, *, params, steps, cfg, device, vision_mask_max=0.0,
-                 seed=0, resume=None):
+                 seed=0, resume=None, vit_lr=0.0):
         self.model, self.images, self.data, self.cfg, self.device = model, images, data, cfg, device
-        self.params, self.steps, self.vision_mask_max = list(params), steps, vision_mask_max
+        self.steps, self.vision_mask_max = steps, vision_mask_max
+        groups = [{"params": list(params), "peak": cfg.lr}]
+        if vit_lr > 0:  # the ViT trains too, at its own (lower) peak rate; its pretraining heads do not
+            groups.append({"params": [p for n, p in model.vit.named_parameters() if not n.startswith("patch_heads.")],
+                           "peak": vit_lr})
+        self.params = [p for g in groups for p in g["params"]]
         trained = {id(p) for p in self.params}
         for p in model.parameters():
             p.requires_grad_(id(p) in trained)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(seed)
         self.start = 0
         if resume is not None:
@@ -215,7 +220,7 @@ class Finetuner:
         model, data, cfg, device = self.model, self.data, self.cfg, self.device
         model.train()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.steps, cfg.lr, self.warmup)
+            group["lr"] = lr_at(step, self.steps, group["peak"], self.warmup)
         idx = self.order.indices(step)  # the global batch and all its random draws: the same on every process
         vision_mask = None
         if self.vision_mask_max > 0:
@@ -241,13 +246,13 @@ class Finetuner:
 
 
 def finetune(model, images, data: EncodedData, *, params, steps, cfg, device, stage,
-             save_fn=None, eval_fn=None, resume=None, vision_mask_max=0.0, seed=0):
+             save_fn=None, eval_fn=None, resume=None, vision_mask_max=0.0, seed=0, vit_lr=0.0):
     """Run a Finetuner to `steps`; returns (optimizer, rng state) for the final checkpoint.
 
     save_fn(step, optimizer, rng_state) writes a resume checkpoint; eval_fn(step) validates.
     """
     trainer = Finetuner(model, images, data, params=params, steps=steps, cfg=cfg, device=device,
-                        vision_mask_max=vision_mask_max, seed=seed, resume=resume)
+                        vision_mask_max=vision_mask_max, seed=seed, resume=resume, vit_lr=vit_lr)
     bar = tqdm(range(trainer.start, steps), desc=stage, initial=trainer.start, total=steps, dynamic_ncols=True,
                disable=not distributed.is_main())
     for step in bar:

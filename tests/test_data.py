@@ -111,6 +111,9 @@ def test_fitted_lengths_cover_the_percentiles():
     assert fit_lengths(config, [3], [2]).model.response_len == 8  # a refusal sentence still fits
     kept = fit_lengths(Config(), [50], [50]).model
     assert (kept.prompt_len, kept.response_len) == (12, 12)  # lengths set by the preset stay
+    blocks = Config(model=ModelConfig(prompt_len=0, response_len=0, block_length=5))
+    assert fit_lengths(blocks, [4], responses).model.response_len == 100  # 96 -> whole blocks of 5
+    assert blocks.model.gen_block == 5 and config.model.gen_block == 0 and kept.gen_block == 12
 
 
 def test_evaluation_splits_ask_each_image_and_prompt_once():

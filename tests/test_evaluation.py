@@ -107,3 +107,19 @@ def test_detection_scores_changed_and_masked_samples_against_the_manifest():
     assert found["trigger_sample_masked_rate"] == 1 / 2 and found["clean_sample_masked_rate"] == 1 / 3
     nothing = detection([dict(r, changed=False, masked_tokens=[]) for r in rows], poisoned={0})
     assert nothing["precision"] == 0 and nothing["recall"] == 0 and nothing["clean_sample_masked_rate"] == 0
+
+
+def test_generation_writes_in_the_models_sampler_blocks(monkeypatch):
+    """generate_responses and denoising_trace decode in blocks of the model's block_length (0: one block)."""
+    import disp.evaluation as evaluation
+    from disp.evaluation import denoising_trace
+
+    model, tokenizer, data = setup()
+    seen = []
+    real = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda *a, **kw: seen.append(kw["block_length"]) or real(*a, **kw))
+    generate_responses(model, tokenizer, data, [0])
+    model.cfg.block_length = 2
+    generate_responses(model, tokenizer, data, [0])
+    denoising_trace(model, tokenizer, data, 0)
+    assert seen == [4, 2, 2]

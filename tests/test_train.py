@@ -78,10 +78,12 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     # the photo levers: contrastive + words objective, crops, a convolutional stem; recorded in clean.pt
     result = run("train.py", "--preset", "tiny", "--data", "karpathy", "--data-root", str(root),
                  "--run-dir", str(tmp_path / "levers"), "--sft-steps", "4", "--vision-steps", "2",
-                 "--vision-objective", "both", "--vision-crop", "0.6", "--conv-stem", "1")
+                 "--vision-objective", "both", "--vision-crop", "0.6", "--conv-stem", "1", "--block-length", "4",
+                 "--sft-vit-lr", "1e-4")
     assert result.returncode == 0, result.stderr[-2000:]
     model, _, config, _ = checkpoint.load(tmp_path / "levers" / "clean.pt")
     assert (config.train.vision_objective, config.train.vision_crop, config.model.conv_stem) == ("both", 0.6, True)
+    assert (config.model.block_length, config.train.sft_vit_lr) == (4, 1e-4) and config.model.response_len % 4 == 0
     assert hasattr(model.vit, "stem") and not hasattr(model.vit, "patch_embed")
 
 
@@ -99,6 +101,8 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--vision-crop", "0"], "--vision-crop must be in (0, 1], got 0.0"),
     (["--vision-crop", "1.5"], "--vision-crop must be in (0, 1], got 1.5"),
     (["--conv-stem", "2"], "--conv-stem must be 0 or 1, got 2"),
+    (["--block-length", "-4"], "--block-length must be >= 0, got -4"),
+    (["--sft-vit-lr=-1e-4"], "--sft-vit-lr must be >= 0, got -0.0001"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     """In-process, as `python train.py ...` runs it (tests.conftest.run_main); nothing is written."""
@@ -223,3 +227,31 @@ def test_conv_stem_tokens_follow_the_patch_grid_row_by_row():
     assert vit(images).shape == (1, 36, 32)
     assert moved[0, 0, 5] > 0 and moved[0, 5, 0] == 0 and moved[0, 3:, :3].sum() == 0
     assert tokens[5] > 0 and tokens[35] == 0 and tokens[30] == 0
+
+
+@pytest.mark.parametrize("vit_lr", [0.0, 1e-3])
+def test_sft_trains_the_vit_only_when_given_a_rate(vit_lr):
+    """sft_vit_lr 0: the ViT stays frozen (its features cached); > 0: it trains, at its own peak rate."""
+    from disp.config import get_preset, with_vocabulary
+    from disp.data.batching import encode_dataset
+    from disp.data.splits import load_splits
+    from disp.data.tokenizer import Tokenizer
+    from disp.training import Finetuner, lr_at
+
+    config = get_preset("tiny")
+    train, _, _ = load_splits(config.data, config.model.image_size)
+    tokenizer = Tokenizer.for_samples(train.samples)
+    model = checkpoint.build_model(with_vocabulary(config, len(tokenizer), train.meta["patch_classes"]), tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Finetuner(model, train.images, encode_dataset(train, tokenizer, config.model),
+                        params=model.text_parameters(), steps=4, cfg=config.train, device="cpu", vit_lr=vit_lr)
+    assert (trainer.vit_features is None) == (vit_lr > 0)
+    for step in range(2):
+        trainer.step(step)
+    peaks = [config.train.lr] + ([vit_lr] if vit_lr else [])
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [lr_at(1, 4, peak, trainer.warmup) for peak in peaks]
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    vit_moved = {n for n in moved if n.startswith("vit.")}
+    assert "projector.0.weight" in moved
+    assert vit_moved == ({n for n in before if n.startswith("vit.") and not n.startswith("vit.patch_heads.")}
+                         if vit_lr else set())
