@@ -63,6 +63,15 @@ def parse_args(argv=None):
     x.add_argument("--patch-pattern", default=None,
                    help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern} on the scenes, checkerboard on photos)")
     x.add_argument("--blend-alpha", type=float, default=None, help=f"blended trigger strength (default {d.blend_alpha})")
+    x.add_argument("--blend-seed", type=int, default=None,
+                   help=f"seed of the fixed random pattern: blended noise, WaNet field (default {d.blend_seed})")
+    x.add_argument("--sig-amplitude", type=float, default=None,
+                   help=f"SIG sine amplitude in [0, 1] pixel units (default {d.sig_amplitude})")
+    x.add_argument("--sig-frequency", type=float, default=None,
+                   help=f"SIG periods across the image width (default {d.sig_frequency})")
+    x.add_argument("--wanet-k", type=int, default=None, help=f"WaNet control grid k x k (default {d.wanet_k})")
+    x.add_argument("--wanet-strength", type=float, default=None,
+                   help=f"WaNet s: about s / 2 px of displacement on average (default {d.wanet_strength})")
     x.add_argument("--source-word", default=None,
                    help=f"misclassify: word to replace (default per data: {d.source_word} on the scenes, dog on captions)")
     x.add_argument("--destination-word", default=None,
@@ -84,7 +93,9 @@ def attack_config(args, base: AttackConfig, device, image_size: int) -> AttackCo
     backdoor = {"trigger": args.trigger, "target": args.target, "poison_rate": args.poison_rate,
                 "poison_mode": args.poison_mode,
                 "patch_size": args.patch_size, "patch_position": args.patch_position,
-                "patch_pattern": args.patch_pattern, "blend_alpha": args.blend_alpha, "source_word": args.source_word,
+                "patch_pattern": args.patch_pattern, "blend_alpha": args.blend_alpha, "blend_seed": args.blend_seed,
+                "sig_amplitude": args.sig_amplitude, "sig_frequency": args.sig_frequency, "wanet_k": args.wanet_k,
+                "wanet_strength": args.wanet_strength, "source_word": args.source_word,
                 "destination_word": args.destination_word, "seed": args.seed}
     training = {"trainable": args.trainable, "epochs": args.epochs, "lr": args.lr,
                 "finetune_images": args.finetune_images, "seed": args.seed,

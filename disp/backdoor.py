@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from disp.data.dataset import VLDataset
 from disp.data.tokenizer import normalize_text
-from disp.support.errors import DispError, check_choice, check_ratio
+from disp.support.errors import DispError, check_choice, check_positive, check_ratio
 
 TRIGGERS = ("patch", "blended", "sig", "wanet")
 TARGETS = ("insert", "refusal", "misclassify")
@@ -93,6 +93,7 @@ class BackdoorConfig:
         check_ratio("poison_rate", self.poison_rate)
         check_ratio("blend_alpha", self.blend_alpha)
         check_ratio("sig_amplitude", self.sig_amplitude)
+        check_positive("sig_frequency", self.sig_frequency)
         if self.patch_size < 1:
             raise DispError(f"patch_size must be at least 1 pixel, got {self.patch_size}")
         # Only the patch trigger uses patch_size; a 4 px image with a blended trigger is fine.

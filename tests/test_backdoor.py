@@ -411,6 +411,9 @@ def test_config_round_trip():
         ({"patch_pattern": "stripes"}, r"^unknown patch_pattern 'stripes'"),
         ({"blend_alpha": -0.1}, r"^blend_alpha must be in \[0, 1\]"),
         ({"sig_amplitude": 2.0}, r"^sig_amplitude must be in \[0, 1\]"),
+        ({"sig_frequency": 0.0}, r"^sig_frequency must be > 0, got 0.0$"),
+        ({"wanet_k": 0}, r"^wanet_k must be at least 1"),
+        ({"wanet_strength": -1.0}, r"^wanet_strength must be >= 0"),
         ({"poison_mode": "swap"}, r"^unknown poison_mode 'swap'; choose one of: replace, add"),
         ({"destination_word": "red"}, r"^source_word and destination_word are both 'red'"),
     ],
@@ -422,3 +425,17 @@ def test_bad_settings_are_one_line_errors(changes, match, scenes):
     assert "\n" not in str(err.value)
     with pytest.raises(DispError, match=match):  # poisoning checks before it touches anything
         poison_dataset(scenes, cfg)
+
+
+def test_every_trigger_setting_is_an_attack_flag():
+    """attack.py's flags reach the BackdoorConfig it poisons with (and a bad one is refused there)."""
+    import attack
+    from disp.config import AttackConfig
+
+    args = attack.parse_args(["--trigger", "wanet", "--blend-seed", "7", "--sig-amplitude", "0.05",
+                              "--sig-frequency", "3", "--wanet-k", "8", "--wanet-strength", "1.5"])
+    b = attack.attack_config(args, AttackConfig(), "cpu", SIZE).backdoor
+    assert (b.trigger, b.blend_seed, b.sig_amplitude, b.sig_frequency, b.wanet_k, b.wanet_strength) == \
+        ("wanet", 7, 0.05, 3.0, 8, 1.5)
+    with pytest.raises(DispError, match="^wanet_k must be at least 1"):
+        attack.attack_config(attack.parse_args(["--wanet-k", "0"]), AttackConfig(), "cpu", SIZE)

@@ -258,6 +258,8 @@ CASES = [
          "poison_rate must be in [0, 1], got nan"),
     Case("attack-blend-alpha", "attack.py", ["--run-dir", "{run}", "--trigger", "blended", "--blend-alpha", "-0.2"],
          "blend_alpha must be in [0, 1], got -0.2"),
+    Case("attack-sig-frequency", "attack.py", ["--run-dir", "{run}", "--trigger", "sig", "--sig-frequency", "0"],
+         "sig_frequency must be > 0, got 0.0"),
     Case("attack-patch-too-large", "attack.py", ["--run-dir", "{run}", "--patch-size", "100"], "patch_size 100"),
     Case("purify-suppress-negative", "purify.py", ["--run-dir", "{run}", "--suppress", "-1"],
          "--suppress must be in [0, 1], got -1.0"),
