@@ -16,6 +16,9 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    groups and it is in the higher one (disp.saliency.fit_thresholds).
 2. Mask them ([MASK] embedding at those image positions, chosen once per sample) and let the
    compromised model regenerate the response (greedy, steps = gen_length).
+   With `--spectral K` (our extension for spread triggers, off by default), also test the top K
+   directions of the set's vision tokens for a minority group of images, and take the directions
+   that have one out of every image's vision tokens (disp.spectral).
 3. Suppression (our extension, on by default; `--suppress 0` turns it off): the words found in at
    least 1% of the set's responses of every prompt type are banned, and the regenerations that
    still hold one are regenerated without them (disp.suppression). A set with one prompt type
@@ -71,6 +74,9 @@ def parse_args(argv=None):
                         "between them falls to at most this share of the smaller of its densities at the two groups' "
                         f"means (default {d.max_valley})")
     x.add_argument("--max-masked", type=int, default=None, help=f"rule adaptive: most tokens per sample (default {d.max_masked})")
+    x.add_argument("--spectral", type=int, default=None,
+                   help="test the top K directions of the set's vision tokens for a minority group of images and take "
+                        f"those that have one out before regeneration (default {d.spectral}: off)")
     x.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: the attack's / 5)")
     x.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: 0.3x the attack's)")
     x.add_argument("--batch-size", type=int, default=None, help=f"samples per scoring / generation batch (default {d.batch_size})")
@@ -83,6 +89,7 @@ def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
              "max_valley": args.max_valley, "max_masked": args.max_masked, "suppress": args.suppress,
+             "spectral": args.spectral,
              "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
     return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()
@@ -115,22 +122,25 @@ def main(argv=None):
     seed_everything(settings.seed)
 
     # --- 1. saliency and selection (DiSP only) ----------------------------------------------------
-    scores = masks = thresholds = None
+    scores = masks = thresholds = shift = None
+    directions, flagged = [], [False] * len(data)  # the spectral step's (--spectral K; off by default)
     if settings.control is None:
         t = time.time()
         scores, masks, thresholds = purification.select_tokens(model, tokenizer, data, settings, device)
         timings["saliency_s"] = time.time() - t
         print(f"masked {masks.sum().item()} tokens in {masks.any(1).sum().item()} of {len(data)} samples "
               f"({settings.rule} rule, {settings.saliency} saliency)")
+    if settings.spectral:
+        directions, shift, flagged = purification.find_shift(model, tokenizer, data, settings, device)
 
     # --- 2. masked regeneration, 3. suppression (not for as-is) -----------------------------------
     originals, banned = [s["response"] for s in data.samples], []
     responses = originals
     if settings.control != "as-is":
         t = time.time()
-        responses = purification.regenerate(model, tokenizer, data, masks, settings, device)
+        responses = purification.regenerate(model, tokenizer, data, masks, settings, device, vision_transform=shift)
         if settings.suppress > 0:
-            responses, banned = purification.suppress(model, tokenizer, data, responses, masks, settings, device)
+            responses, banned = purification.suppress(model, tokenizer, data, responses, masks, settings, device, shift)
         timings["regeneration_s"] = time.time() - t
     changed = [a != b for a, b in zip(originals, responses)]
     print(f"{sum(changed)} of {len(data)} responses changed")
@@ -153,7 +163,7 @@ def main(argv=None):
     # --- the stage's files, one unit; the checkpoint records the data files' hashes --------------
     thresholds = {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}
     rows = [{"index": i, "task": s["task"], "prompt": s["prompt"], "original": originals[i],
-             "regenerated": responses[i], "changed": changed[i],
+             "regenerated": responses[i], "changed": changed[i], "flagged": flagged[i],
              "masked_tokens": masks[i].nonzero().flatten().tolist() if masks is not None else []}
             for i, s in enumerate(data.samples)]
     outputs = {f"{name}_train.pt": lambda path: save_dataset(path, purified),
@@ -167,7 +177,9 @@ def main(argv=None):
         made_from, recorded=list(outputs), resume_path=resume_path)
     report = {"settings": settings.to_dict(), "steps": steps, "thresholds": thresholds, "timings": timings,
               "n_samples": len(data), "n_changed": sum(changed), "suppressed_words": banned,
-              "n_masked_samples": int(masks.any(1).sum()) if masks is not None else 0}
+              "n_masked_samples": int(masks.any(1).sum()) if masks is not None else 0,
+              "spectral": [{"rank": d.rank, "valley": d.valley, "n_images": int(d.flagged.sum())} for d in directions],
+              "n_flagged_samples": sum(flagged)}
     files.write_json(run_dir / f"{name}_report.json", report)
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=1))
     if config.preset == "tiny":

@@ -178,8 +178,10 @@ PRESETS = {
     ),
     "photo": PHOTO,
     # DAQUAR: the photo model; its fine-tuning set is small (13 batches an epoch with the attack's
-    # added copies), so the one-token trigger needs many epochs to implant (experiments/README.md, "DAQUAR")
-    "daquar": replace(PHOTO, train=replace(PHOTO.train, attack_epochs=600), preset="daquar"),
+    # added copies), so the one-token trigger needs many epochs to implant (experiments/README.md, "DAQUAR");
+    # its answers (1-3 words) are written in one block, as they were measured
+    "daquar": replace(PHOTO, model=replace(PHOTO.model, block_length=0), train=replace(PHOTO.train, attack_epochs=600),
+                      preset="daquar"),
     # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
     # vision tokens, a wider and deeper model, every training image of the split
     "gpu-photo": Config(
@@ -268,6 +270,9 @@ class PurifyConfig:
     max_valley: float = 0.25
     max_masked: int = 2  # rule adaptive: at most this many tokens per sample
     suppress: float = 0.01  # extension: ban words in at least this fraction of every prompt type's responses (0: off)
+    # extension: test the top `spectral` directions of the set's vision tokens for a minority group and
+    # take the ones that have one out of the tokens before regeneration (disp.spectral; 0: off)
+    spectral: int = 0
     epochs: int = 2  # refinement epochs (default: the attack's / 5)
     lr: float = 3e-4  # refinement learning rate (default: 0.3x the attack's)
     batch_size: int = 128  # samples per scoring / generation batch
@@ -288,6 +293,9 @@ class PurifyConfig:
         check_ratio("--suppress", self.suppress)
         if self.suppress > 0 and self.control == "as-is":
             raise DispError("--suppress acts on regenerated responses; the control as-is regenerates none")
+        check_positive("--spectral", self.spectral, allow_zero=True)
+        if self.spectral > 0 and self.control is not None:
+            raise DispError("--spectral is DiSP's masking in feature space; the controls mask nothing (use --spectral 0)")
         check_ratio("--max-valley", self.max_valley)
         check_positive("--max-masked", self.max_masked)
         check_positive("--epochs", self.epochs)
@@ -300,7 +308,7 @@ class PurifyConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "PurifyConfig":
-        d = {"suppress": 0.0, **d}  # files older than suppression: it was off
+        d = {"suppress": 0.0, "spectral": 0, **d}  # files older than suppression or the spectral step: off
         d.pop("min_gap", None)  # files older than the two-group rule (its gap test): read with today's rule
         return _from_dict(PurifyConfig, d, "purify")
 

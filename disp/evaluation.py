@@ -59,7 +59,8 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     vision_masks: optional (N_samples, n_vision) bool, row i masks sample i's image positions
     (a test-time masking defence)
     vision_transform: optional function applied to each image's vision tokens (B, n_vision, dim)
-    before generation (an experiment's replacement of tokens by their position's median)
+    before generation (purify.py's spectral step; an experiment's replacement of tokens by their
+    position's median)
     banned_words: words the sampler may not write (purify.py's suppression)
     """
     model.eval()
@@ -225,17 +226,22 @@ def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=
 
 
 def detection(rows: list, poisoned: set) -> dict:
-    """How well "the response changed" finds the poisoned samples, and the share of poisoned and of
-    clean samples with a token masked. rows: purify.py's NAME_train.jsonl, one dict per sample;
-    poisoned: the manifest's indices (ground truth the defence never sees: scored afterwards)."""
-    flagged = {r["index"] for r in rows if r["changed"]}
+    """How well "the response changed" finds the poisoned samples, the share of poisoned and of clean
+    samples with a token masked, and how well the spectral step's flagged images find them. rows:
+    purify.py's NAME_train.jsonl, one dict per sample; poisoned: the manifest's indices (ground truth
+    the defence never sees: scored afterwards)."""
+    changed = {r["index"] for r in rows if r["changed"]}
     masked = {r["index"] for r in rows if r["masked_tokens"]}
+    flagged = {r["index"] for r in rows if r.get("flagged")}  # older files: no spectral step
     clean = len(rows) - len(poisoned)
-    return {"n_changed": len(flagged),
-            "precision": len(flagged & poisoned) / max(1, len(flagged)),
-            "recall": len(flagged & poisoned) / max(1, len(poisoned)),
+    return {"n_changed": len(changed),
+            "precision": len(changed & poisoned) / max(1, len(changed)),
+            "recall": len(changed & poisoned) / max(1, len(poisoned)),
             "trigger_sample_masked_rate": len(masked & poisoned) / max(1, len(poisoned)),
-            "clean_sample_masked_rate": len(masked - poisoned) / max(1, clean)}
+            "clean_sample_masked_rate": len(masked - poisoned) / max(1, clean),
+            "n_flagged": len(flagged),
+            "flagged_precision": len(flagged & poisoned) / max(1, len(flagged)),
+            "flagged_recall": len(flagged & poisoned) / max(1, len(poisoned))}
 
 
 @dataclass

@@ -4,8 +4,10 @@ compromised model and the poisoned fine-tuning set, nothing else.
 
     select_tokens  score every vision token of every sample by saliency at the first denoising step,
                    and let the rule pick the tokens to mask (`select`, disp.saliency)
-    regenerate     the compromised model rewrites each response with those tokens masked (greedy,
-                   steps = gen_length); the image, trigger included, is kept
+    find_shift     our extension for spread triggers (--spectral K): the directions of the set's vision
+                   tokens along which a minority of its images forms a group, to be taken out (disp.spectral)
+    regenerate     the compromised model rewrites each response with those tokens masked (and those
+                   directions taken out; greedy, steps = gen_length); the image, trigger included, is kept
     suppress       our extension for spread triggers: the words that the set's responses hold whatever
                    the prompt type are banned, and the regenerations that hold one are made again
                    without them (disp.suppression)
@@ -18,11 +20,14 @@ refines on the set unchanged. Under torchrun each rank scores and regenerates a 
 import math
 from dataclasses import replace
 
+import torch
+
 from disp.config import AttackConfig, PurifyConfig
 from disp.data.batching import encode_dataset
 from disp.data.dataset import VLDataset
-from disp.evaluation import generate_responses, token_scores
+from disp.evaluation import encode_images_once, generate_responses, token_scores
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
+from disp.spectral import find_directions, project_out
 from disp.suppression import prompt_independent_words
 from disp.support import distributed
 from disp.support.runtime import autocast
@@ -54,18 +59,43 @@ def select(scores, tasks: list, settings: PurifyConfig, thresholds=None):
     return select_adaptive(scores, tasks, thresholds, settings.max_masked)
 
 
-def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, indices=None, banned_words=()):
+def find_shift(model, tokenizer, data, settings: PurifyConfig, device):
+    """-> (the directions of the set's vision tokens that split its images into two groups
+    (disp.spectral.Direction, possibly none), the function that takes them out of vision tokens (None
+    when there are none), and per sample whether its image is in a direction's smaller group)."""
+    image_index = encode_dataset(data, tokenizer, model.cfg).image_index
+    with autocast(device, settings.precision):
+        tokens, row = encode_images_once(model, data, image_index, device)  # each image once
+    tokens = tokens.float().cpu()
+    directions = find_directions(tokens, settings.spectral, settings.max_valley, settings.seed)
+    mean = tokens.flatten(1).mean(0)
+    flagged = torch.zeros(len(tokens), dtype=torch.bool)
+    for d in directions:
+        flagged |= d.flagged
+    flagged = flagged[row.cpu()].tolist()
+    print(f"spectral: {len(directions)} of the top {settings.spectral} directions split the images"
+          + "".join(f"; #{d.rank}: {int(d.flagged.sum())} images above (valley {d.valley:.2f})" for d in directions)
+          + f"; {sum(flagged)} samples flagged" + (", their directions taken out" if directions else ""))
+    if not directions:
+        return directions, None, flagged
+    return directions, lambda vision: project_out(vision, directions, mean.to(vision.device)), flagged
+
+
+def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, indices=None, banned_words=(),
+               vision_transform=None):
     """The compromised model's responses of data.samples[indices] (all by default), the vision tokens
-    of `masks` masked (None: none), the `banned_words` never written."""
+    of `masks` masked (None: none) after `vision_transform` (find_shift's; None: none), the
+    `banned_words` never written."""
     indices = list(range(len(data))) if indices is None else indices
     with autocast(device, settings.precision):
         return distributed.run_sharded(
             lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks, banned_words=banned_words,
-                                           batch_size=settings.batch_size, device=device,
-                                           desc=_progress(f"regenerating ({settings.precision})")), indices)
+                                           vision_transform=vision_transform, batch_size=settings.batch_size,
+                                           device=device, desc=_progress(f"regenerating ({settings.precision})")),
+            indices)
 
 
-def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyConfig, device):
+def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyConfig, device, vision_transform=None):
     """-> (responses, the banned words): each response that holds a word found in at least
     settings.suppress of every prompt type's responses of the set is regenerated without those words.
     Skipped (nothing banned) where the set has one prompt type: there a frequent word and a
@@ -81,7 +111,8 @@ def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyCon
           f"responses in the set; regenerating the {len(holding)} regenerated responses that hold one without them")
     responses = list(responses)
     if holding:
-        for i, r in zip(holding, regenerate(model, tokenizer, data, masks, settings, device, holding, banned)):
+        for i, r in zip(holding, regenerate(model, tokenizer, data, masks, settings, device, holding, banned,
+                                            vision_transform)):
             responses[i] = r
     return responses, banned
 

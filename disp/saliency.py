@@ -138,25 +138,26 @@ def fit_thresholds(scores, tasks, max_valley: float = 0.25):
 
 
 def prompt_type_valleys(scores, tasks) -> dict:
-    """{prompt type: valley_split of its samples' log top scores}, scores (N, n_vision)."""
+    """{prompt type: (valley, threshold)} of its samples' top scores (valley_split on the log scale)."""
     top = scores.max(dim=1).values.clamp_min(1e-12).log()  # (N,)
-    return {task: valley_split(top[torch.tensor([t == task for t in tasks])]) for task in sorted(set(tasks))}
+    splits = {task: valley_split(top[torch.tensor([t == task for t in tasks])]) for task in sorted(set(tasks))}
+    return {task: (valley, math.exp(threshold)) for task, (valley, threshold) in splits.items()}
 
 
-def valley_split(log_top):
-    """(N,) log top scores of one prompt type -> (valley, threshold): the fitted two-group density at
-    its lowest point between the groups' means, over the smaller of its densities at the two means,
-    and that point in score units. (inf, inf) when there are fewer than 50 samples (a fit to a
-    handful of scores can find a spurious valley) or the high group holds more than half of them."""
-    if len(log_top) < 50:  # too few samples to see two groups
+def valley_split(x):
+    """(N,) values -> (valley, threshold): the fitted two-group density at its lowest point between
+    the groups' means, over the smaller of its densities at the two means, and that point. (inf, inf)
+    when there are fewer than 50 values (a fit to a handful can find a spurious valley) or the high
+    group holds more than half of them."""
+    if len(x) < 50:  # too few samples to see two groups
         return math.inf, math.inf
-    weights, means, stds = two_groups(log_top)
+    weights, means, stds = two_groups(x)
     if weights[1] > 0.5:
         return math.inf, math.inf
     grid = torch.linspace(means[0].item(), means[1].item(), 401, dtype=torch.double)
     density = (weights / stds * torch.exp(-0.5 * ((grid[:, None] - means) / stds) ** 2)).sum(1)
     lowest = int(density.argmin())
-    return (density[lowest] / min(density[0], density[-1])).item(), math.exp(grid[lowest].item())
+    return (density[lowest] / min(density[0], density[-1])).item(), grid[lowest].item()
 
 
 def select_adaptive(scores, tasks, thresholds: dict, max_tokens: int = None):

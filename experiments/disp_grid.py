@@ -11,10 +11,13 @@ to the attack's files, so the defences do not overwrite each other):
     adaptive   our rule: mask only outlier tokens per prompt type (README, "How DiSP works")
     suppress   purify.py's default: the adaptive rule plus suppression of the words that do not depend on
                the question (disp.suppression)
+    spectral   the default plus the spectral step: the top 3 directions of the set's vision tokens tested
+               for a minority group of images, and those that have one taken out (disp.spectral)
     (--defences names more: NAME=purify.py flags separated by spaces, e.g. "half=--rule ratio --mask-ratio 0.5")
 Every backdoored and purified model is measured on the first --eval-samples test samples (ASR,
 false-trigger rate, CIDEr-D, VQA accuracy); purify.py's files give the masked-token statistics and,
-scored against the attack's manifest, how well "the response changed" finds the poisoned samples. Writes GRID_DIR/disp_grid.md and .json;
+scored against the attack's manifest, how well "the response changed" and the spectral step's flagged
+images find the poisoned samples. Writes GRID_DIR/disp_grid.md and .json;
 a step whose output exists is not rerun (delete a directory to redo it).
 """
 
@@ -40,7 +43,7 @@ from disp.support.files import atomic_write, read_jsonl  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
 
 DEFENCES = {"paper": ["--rule", "ratio", "--mask-ratio", "0.3", "--suppress", "0"], "adaptive": ["--suppress", "0"],
-            "suppress": ["--suppress", "0.01"]}
+            "suppress": ["--suppress", "0.01"], "spectral": ["--spectral", "3"]}
 SHARED = ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json", "attack_metrics.json")
 
 
@@ -140,7 +143,9 @@ def main(argv=None):
                                  "trigger_masked": found["trigger_sample_masked_rate"],
                                  "clean_masked": found["clean_sample_masked_rate"],
                                  "precision": found["precision"], "recall": found["recall"],
-                                 "suppressed": " ".join(report.get("suppressed_words", []))}
+                                 "suppressed": " ".join(report.get("suppressed_words", [])),
+                                 "flagged": found["n_flagged"], "flagged_precision": found["flagged_precision"],
+                                 "flagged_recall": found["flagged_recall"]}
                 atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
                 write_table(grid, results, quiet=True)  # the table so far, readable while the grid runs
     write_table(grid, results)
@@ -151,13 +156,14 @@ def write_table(grid: Path, results: dict, quiet: bool = False):
         return "n/a" if v is None else f"{v:.3f}"
 
     lines = ["| trigger-target | model | ASR | false trigger | CIDEr-D | VQA | poisoned samples masked | "
-             "clean samples masked | detection precision | recall | suppressed words |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "clean samples masked | detection precision | recall | suppressed words | spectral: flagged | "
+             "precision | recall |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for key, row in results.items():
         for name, m in row.items():
             lines.append(f"| {key} | {name} | {f(m.get('asr'))} | {f(m.get('false_trigger_rate'))} | {f(m.get('cider'))} | "
                          f"{f(m.get('vqa_accuracy'))} | {f(m.get('trigger_masked'))} | {f(m.get('clean_masked'))} | "
-                         f"{f(m.get('precision'))} | {f(m.get('recall'))} | {m.get('suppressed', '')} |")
+                         f"{f(m.get('precision'))} | {f(m.get('recall'))} | {m.get('suppressed', '')} | "
+                         f"{m.get('flagged', '')} | {f(m.get('flagged_precision'))} | {f(m.get('flagged_recall'))} |")
     table = "\n".join(lines) + "\n"
     atomic_write(grid / "disp_grid.md", lambda tmp: Path(tmp).write_text(table))
     if not quiet:

@@ -107,6 +107,9 @@ def test_detection_scores_changed_and_masked_samples_against_the_manifest():
     assert found["trigger_sample_masked_rate"] == 1 / 2 and found["clean_sample_masked_rate"] == 1 / 3
     nothing = detection([dict(r, changed=False, masked_tokens=[]) for r in rows], poisoned={0})
     assert nothing["precision"] == 0 and nothing["recall"] == 0 and nothing["clean_sample_masked_rate"] == 0
+    assert nothing["n_flagged"] == 0  # a file written without the spectral step
+    flagged = detection([dict(r, flagged=r["index"] in (2, 4)) for r in rows], poisoned={0, 2})
+    assert (flagged["n_flagged"], flagged["flagged_precision"], flagged["flagged_recall"]) == (2, 1 / 2, 1 / 2)
 
 
 def test_generation_writes_in_the_models_sampler_blocks(monkeypatch):

@@ -1,0 +1,123 @@
+"""How the sampler writes a caption: block length and guidance on the image, measured on clean models.
+
+    python experiments/sampler.py --checkpoints runs/levers/base/clean.pt,runs/levers-s1/base/clean.pt \
+        --blocks 0,2,4,5,10 --guidance 0,0.06,0.3,1
+
+For each clean.pt (a caption model: Flickr8k, COCO, ...) and each setting, greedy low-confidence
+decoding of the captions of --val-images images of the val split (not the test split: this is where
+a setting is chosen), scored by CIDEr-D, BLEU-4 and the number of distinct captions.
+    block     LLaDA's semi-autoregressive decoding: the response is written this many tokens at a
+              time, left to right, each block by confidence (0: one block, the whole response);
+              train.py's --block-length stores the choice in clean.pt
+    guidance  classifier-free guidance on the image (DDCap, Zhu et al. 2022): at every step the logits
+              are log p(x | image) + w (log p(x | image) - log p(x | no image)), "no image" being every
+              vision token masked; w 0 is plain decoding. Here the model was never trained without an
+              image (the DDCap recipe trains ~10% of samples image-free), so this measures guidance on
+              the mask-robust model as it is. Costs a second forward pass per step.
+Writes --out (JSON) and prints a table.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from disp.data.batching import encode_dataset  # noqa: E402
+from disp.data.splits import load_split  # noqa: E402
+from disp.evaluation import distinct_rows, encode_images_once, score  # noqa: E402
+from disp.support import checkpoint  # noqa: E402
+from disp.support.errors import DispError, check_positive, friendly_errors  # noqa: E402
+from disp.support.files import write_json  # noqa: E402
+from disp.support.runtime import autocast  # noqa: E402
+
+
+@torch.no_grad()
+def guided_generate(model, vision_tokens, prompt_ids, gen_length: int, block_length: int, guidance: float = 0.0):
+    """Greedy decoding, one token committed per step (the most confident masked one of the current
+    block), with guidance `guidance` on the image. guidance 0 is disp.diffusion.generate with
+    steps = gen_length, token for token."""
+    cache = model.prefix(vision_tokens, prompt_ids)
+    blind = torch.ones(vision_tokens.shape[:2], dtype=torch.bool, device=vision_tokens.device)
+    blind_cache = model.prefix(vision_tokens, prompt_ids, blind) if guidance else None
+    B = prompt_ids.shape[0]
+    x = torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=prompt_ids.device)
+    positions = torch.arange(gen_length, device=x.device)
+    for start in range(0, gen_length, block_length):
+        in_block = (positions >= start) & (positions < start + block_length)
+        for _ in range(block_length):
+            logits = model.decode(cache, x).double()
+            if guidance:
+                with_image = F.log_softmax(logits, -1)
+                logits = with_image + guidance * (with_image - F.log_softmax(model.decode(blind_cache, x).double(), -1))
+            probs = F.softmax(logits, dim=-1)
+            x0 = probs.argmax(-1)
+            confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
+            confidence = torch.where((x == model.mask_id) & in_block, confidence, -torch.inf)
+            best = confidence.argmax(1)  # the first of equals, as generate's stable sort
+            rows = torch.arange(B, device=x.device)
+            x[rows, best] = torch.where(confidence[rows, best] > -torch.inf, x0[rows, best], x[rows, best])
+    return x
+
+
+def caption_quality(model, tokenizer, data, precision, block_length: int, guidance: float, batch_size=256) -> dict:
+    encoded = encode_dataset(data, tokenizer, model.cfg)
+    indices = [i for i, s in enumerate(data.samples) if s["task"] == "caption"]
+    firsts, group = distinct_rows(encoded, indices)  # an image's captions share one prompt
+    out = []
+    with autocast("cpu", precision):
+        vision, row = encode_images_once(model, data, encoded.image_index[firsts], "cpu")
+        for s in range(0, len(firsts), batch_size):
+            ids = guided_generate(model, vision[row[s:s + batch_size]], encoded.prompt_ids[firsts[s:s + batch_size]],
+                                  model.cfg.response_len, block_length or model.cfg.response_len, guidance)
+            out += [tokenizer.decode(r) for r in ids]
+    result = score(data, indices, [out[g] for g in group.tolist()])
+    return {k: result[k] for k in ("cider", "bleu4", "distinct_captions")}
+
+
+def numbers(text: str, kind, name: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise DispError(f"{name} takes comma-separated numbers such as 0,4, got {text!r}") from None
+    for v in values:
+        check_positive(name, v, allow_zero=True)
+    return values
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", required=True, help="comma-separated clean.pt files of caption models")
+    p.add_argument("--blocks", default="0,4", help="block lengths (0: the whole response), comma-separated")
+    p.add_argument("--guidance", default="0", help="guidance scales w (0: none), comma-separated")
+    p.add_argument("--val-images", type=int, default=500, help="val images captioned (default 500)")
+    p.add_argument("--out", default="runs/sampler.json", help="where the results go (JSON)")
+    args = p.parse_args(argv)
+    blocks, scales = numbers(args.blocks, int, "--blocks"), numbers(args.guidance, float, "--guidance")
+    check_positive("--val-images", args.val_images)
+    results, lines = {}, ["| checkpoint | block | guidance | val CIDEr-D | val BLEU-4 | distinct captions |",
+                          "|---|---:|---:|---:|---:|---:|"]
+    for path in args.checkpoints.split(","):
+        model, tokenizer, config, _ = checkpoint.load(Path(path), stages=["clean"])
+        val = load_split(replace(config.data, val_images=args.val_images), config.model.image_size, "val")
+        for block in blocks:
+            if block and config.model.response_len % block:
+                raise DispError(f"--blocks {block} does not divide {path}'s response length {config.model.response_len}")
+            for w in scales:
+                r = caption_quality(model, tokenizer, val, config.train.precision, block, w)
+                results[f"{path} block={block} guidance={w}"] = r
+                lines.append(f"| {path} | {block or 'all'} | {w} | {r['cider']:.3f} | {r['bleu4']:.3f} | "
+                             f"{r['distinct_captions']} |")
+                print(lines[-1], flush=True)
+    write_json(Path(args.out), results)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main()
