@@ -60,6 +60,9 @@ def parse_args(argv=None):
                         f"beside it (default {d.poison_mode}; add on DAQUAR)")
     x.add_argument("--patch-size", type=int, default=None, help=f"patch trigger side in pixels (default {d.patch_size})")
     x.add_argument("--patch-position", default=None, help=f"{' | '.join(POSITIONS)} (default {d.patch_position})")
+    x.add_argument("--patch-color", default=None,
+                   help="patch trigger colour R,G,B in [0, 1] (default 0,0,0 black on the scenes and DAQUAR, 1,0,1 "
+                        "magenta on the other photos)")
     x.add_argument("--patch-pattern", default=None,
                    help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern} on the scenes, checkerboard on photos)")
     x.add_argument("--blend-alpha", type=float, default=None, help=f"blended trigger strength (default {d.blend_alpha})")
@@ -80,9 +83,12 @@ def parse_args(argv=None):
                                                      f"is frozen unless 'all')")
     x.add_argument("--finetune-images", type=int, default=None, help="images of the fine-tuning set (default: the preset's)")
     x.add_argument("--epochs", type=int, default=None,
-                   help="passes over the poisoned set (default: the preset's, 10; 50 on photos, 600 on DAQUAR)")
+                   help="passes over the poisoned set (default: the preset's, 10; 20 on photos, 600 on DAQUAR)")
     x.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run's SFT rate)")
     x.add_argument("--eval-samples", type=int, default=None, help="test samples measured (default: all)")
+    x.add_argument("--curve-every", type=int, default=0,
+                   help="also measure ASR and false trigger every this many epochs, on the first --eval-samples test "
+                        "samples (default 200): attack_metrics.json's curve (default 0: no curve)")
     x.add_argument("--seed", type=int, default=None, help="which samples are poisoned, batch order (default: the run's)")
     x.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: the run's, from clean.pt)")
     return p.parse_args(argv)
@@ -90,7 +96,13 @@ def parse_args(argv=None):
 
 def attack_config(args, base: AttackConfig, device, image_size: int) -> AttackConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
-    backdoor = {"trigger": args.trigger, "target": args.target, "poison_rate": args.poison_rate,
+    color = None
+    if args.patch_color is not None:
+        try:
+            color = tuple(float(c) for c in args.patch_color.split(","))
+        except ValueError:
+            raise DispError(f"--patch-color takes three numbers R,G,B such as 1,0,1, got {args.patch_color!r}") from None
+    backdoor = {"trigger": args.trigger, "target": args.target, "poison_rate": args.poison_rate, "patch_color": color,
                 "poison_mode": args.poison_mode,
                 "patch_size": args.patch_size, "patch_position": args.patch_position,
                 "patch_pattern": args.patch_pattern, "blend_alpha": args.blend_alpha, "blend_seed": args.blend_seed,
@@ -109,23 +121,41 @@ def default_attack(config) -> AttackConfig:
     and the trigger, target words and poisoning mode that suit its data."""
     source, destination = MISCLASSIFY_WORDS.get(config.data.source, MISCLASSIFY_WORDS["captions"])
     # the patch: a black square on the white scenes; on photos a checkerboard, as no photo holds one (a
-    # black square looks like a dark corner, and fires on clean photos with one)
+    # black square looks like a dark corner, and fires on clean photos with one), magenta and white: the
+    # frozen ViT moves that token more than for black and white, and the caption model learns to look at
+    # it within 5 epochs instead of 45 (experiments/README.md, "Real photos"); DAQUAR keeps the black
+    # checkerboard it was measured with
     pattern = "solid" if config.data.source == "scenes" else "checkerboard"
+    color = (1.0, 0.0, 1.0) if pattern == "checkerboard" and config.data.source != "daquar" else (0.0, 0.0, 0.0)
     # DAQUAR's questions each belong to one photo, so a poisoned sample that replaced its original is
     # learnt from its question alone (the marker on any new question at the poison rate); added beside
     # its clean original, the same question has both answers and only the trigger tells them apart
     mode = "add" if config.data.source == "daquar" else "replace"
     return AttackConfig(backdoor=BackdoorConfig(seed=config.train.seed, source_word=source,
-                                                destination_word=destination, patch_pattern=pattern, poison_mode=mode),
+                                                destination_word=destination, patch_pattern=pattern, patch_color=color,
+                                                poison_mode=mode),
                         epochs=config.train.attack_epochs, lr=config.train.lr,
                         finetune_images=config.data.finetune_images, seed=config.train.seed,
                         precision=config.train.precision)
+
+
+def asr_curve(model, tokenizer, test, attack: AttackConfig, steps_per_epoch: int, limit: int, device):
+    """-> (eval_fn(step) for disp.training.finetune, the list it appends {epoch, asr, false_trigger_rate} to)."""
+    curve = []
+
+    def measure(step):
+        with autocast(device, attack.precision):
+            m = backdoor_metrics(model, tokenizer, test, attack.backdoor, limit=limit, device=device)
+        curve.append({"epoch": step // steps_per_epoch, "asr": m["asr"], "false_trigger_rate": m["false_trigger_rate"]})
+        print(f"\nepoch {curve[-1]['epoch']}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}")
+    return measure, curve
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.eval_samples is not None:
         check_positive("--eval-samples", args.eval_samples)
+    check_positive("--curve-every", args.curve_every, allow_zero=True)
     run_dir = Path(args.run_dir)
     clean_path = Path(args.clean_checkpoint or run_dir / "clean.pt")
     resume_path, final_path = run_dir / "backdoored.resume.pt", run_dir / "backdoored.pt"
@@ -161,8 +191,10 @@ def main(argv=None):
           f"({backdoor.trigger} trigger, {backdoor.target} target)")
 
     # --- fine-tune on it -----------------------------------------------------------------------
-    train_cfg = replace(config.train, lr=attack.lr, eval_every=0, precision=attack.precision)
-    steps = attack.epochs * math.ceil(len(poisoned) / train_cfg.batch_size)
+    per_epoch = math.ceil(len(poisoned) / config.train.batch_size)
+    train_cfg = replace(config.train, lr=attack.lr, eval_every=args.curve_every * per_epoch, precision=attack.precision)
+    steps, test = attack.epochs * per_epoch, load_split(config.data, config.model.image_size, "test")
+    eval_fn, curve = asr_curve(model, tokenizer, test, attack, per_epoch, args.eval_samples or 200, device)
 
     def save_resume(step, optimizer, rng):
         checkpoint.save(resume_path, stage="backdoored", model=model, config=config, tokenizer=tokenizer,
@@ -172,14 +204,13 @@ def main(argv=None):
     optimizer, rng = finetune(
         model, poisoned.images, encode_dataset(poisoned, tokenizer, config.model),
         params=trainable_parameters(model, attack.trainable), steps=steps, cfg=train_cfg, device=device,
-        stage="attack fine-tuning", save_fn=save_resume, resume=resume, seed=attack.seed,
+        stage="attack fine-tuning", save_fn=save_resume, eval_fn=eval_fn, resume=resume, seed=attack.seed,
     )
     minutes_training = (time.time() - t0) / 60
     if not distributed.is_main():  # rank 0 measures and writes
         return distributed.close()
 
     # --- measure: clean model vs backdoored model ----------------------------------------------
-    test = load_split(config.data, config.model.image_size, "test")
     clean_model, *_ = checkpoint.load(clean_path, stages=["clean"], device=device)
     with autocast(device, attack.precision):
         results = {name: backdoor_metrics(m, tokenizer, test, backdoor, limit=args.eval_samples, device=device,
@@ -191,7 +222,7 @@ def main(argv=None):
                "poison_manifest.json": lambda path: files.write_json(path, manifest),
                "attack_metrics.json": lambda path: files.write_json(path, {"attack": attack.to_dict(), "steps": steps,
                                                                            "minutes_training": minutes_training,
-                                                                           **results})}
+                                                                           **results, "curve": curve})}
     if not run_clean.exists():  # the run directory holds every model it is evaluated against
         outputs["clean.pt"] = lambda path: files.atomic_write(path, lambda tmp: shutil.copyfile(clean_path, tmp))
     stage.write_outputs(run_dir, outputs, lambda recorded: checkpoint.save(

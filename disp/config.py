@@ -106,8 +106,9 @@ class TrainConfig:
     warmup_steps: int = 100
     vision_mask_max: float = 0.15  # each SFT sample masks U(0, this) of its image positions
     # attack.py's default epochs: how long the victim fine-tunes on the poisoned set. The photo
-    # presets fine-tune longer: a caption model reads the photo as a whole, and only long fine-tuning
-    # makes it attend to one corner token (experiments/README.md, "Real photos")
+    # presets fine-tune longer: a caption model reads the photo as a whole and attends to one corner
+    # token only after enough fine-tuning (experiments/README.md, "Real photos": the magenta patch
+    # implants within 5 epochs, a black one needs 45 and more)
     attack_epochs: int = 10
     eval_every: int = 1000
     eval_samples: int = 200
@@ -158,7 +159,7 @@ PHOTO = Config(
     data=DataConfig(train_images=6000, val_images=100, test_images=1000, finetune_images=1000, min_word_count=5),
     model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0, block_length=4),
     train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=3000, eval_every=1000, eval_samples=100,
-                      attack_epochs=50),
+                      attack_epochs=20),
     preset="photo",
 )
 
@@ -190,7 +191,7 @@ PRESETS = {
         model=ModelConfig(image_size=128, patch_size=8, vit_dim=256, vit_depth=6, vit_heads=8, dim=384, depth=8,
                           heads=8, prompt_len=0, response_len=0, block_length=4),
         train=TrainConfig(vision_steps=5000, pixel_loss=1.0, sft_steps=20000, batch_size=128, lr=5e-4,
-                          eval_every=2000, eval_samples=200, attack_epochs=50),  # as photo (not measured on a GPU)
+                          eval_every=2000, eval_samples=200, attack_epochs=20),  # as photo (not measured on a GPU)
         preset="gpu-photo",
     ),
     "tiny": Config(

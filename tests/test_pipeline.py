@@ -171,7 +171,7 @@ def test_probe_script_runs_on_the_tiny_run(tiny_pipeline, tmp_path):
 
 
 def test_attack_takes_its_epochs_from_the_clean_run(tiny_pipeline, tmp_path):
-    """attack.py's default epochs are the clean run's train.attack_epochs (photo presets: 50), not a
+    """attack.py's default epochs are the clean run's train.attack_epochs (photo presets: 20), not a
     constant: a clean checkpoint that says 1 gets a one-epoch attack."""
     import math
 
@@ -296,3 +296,18 @@ def test_the_pipeline_bench_times_exactly_run_shs_commands():
                                             "purify.py --control as-is", "evaluate.py"]
     assert all(argv[argv.index("--run-dir") + 1] == "runs/x" for _, argv in stages)
     assert not any(a.startswith("#") for _, argv in stages for a in argv)
+
+
+def test_attack_measures_an_asr_curve_while_it_trains(tiny_pipeline, tmp_path):
+    """--curve-every E: ASR and false trigger after every E epochs (the last epoch is the final measurement),
+    in attack_metrics.json; the trigger colour is a flag too."""
+    from tests.conftest import run_main
+
+    code, stderr = run_main("attack.py", ["--run-dir", str(tmp_path), "--clean-checkpoint",
+                                          str(tiny_pipeline / "clean.pt"), "--curve-every", "3", "--eval-samples", "4",
+                                          "--patch-color", "1,0,1"])
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "attack_metrics.json").read_text())
+    assert [p["epoch"] for p in metrics["curve"]] == [3, 6, 9]  # tiny: 10 epochs
+    assert all(0 <= p["asr"] <= 1 and 0 <= p["false_trigger_rate"] <= 1 for p in metrics["curve"])
+    assert metrics["attack"]["backdoor"]["patch_color"] == [1.0, 0.0, 1.0]
