@@ -12,7 +12,8 @@ Writes, in the run directory, as one unit (all renamed into place together; the 
 the sha256 of the data files, so purify.py and evaluate.py refuse files of different runs):
     poisoned_train.pt       the poisoned fine-tuning set (what the defender receives)
     poison_manifest.json    which samples are poisoned, for evaluation only: DiSP never uses it
-    attack_metrics.json     ASR, false-trigger rate and clean metrics, clean vs backdoored model
+    attack_metrics.json     ASR, false-trigger rate and clean metrics, clean vs backdoored model (and
+                            with --curve-every, ASR and false trigger along the way)
     clean.pt                a copy of --clean-checkpoint, when it lies outside the run directory
     backdoored.pt           the compromised model (what the defender receives)
     backdoored.resume.pt    while training; removed at the end

@@ -32,8 +32,7 @@ class Direction:
     vector: torch.Tensor  # (n_vision * dim,) unit length, oriented so the smaller group lies above
     valley: float  # the two-group valley along it (<= max_valley: a real second group)
     centre: float  # the larger group's mean projection: where project_out moves every image
-    threshold: float  # the projection between the groups: above it, an image is flagged
-    flagged: torch.Tensor  # (N_images,) bool, the images of the smaller group
+    flagged: torch.Tensor  # (N_images,) bool, the images above the valley: the smaller group
 
 
 def top_directions(x, k: int, iters: int = 8, seed: int = 0):
@@ -66,8 +65,7 @@ def find_directions(tokens, k: int = 3, max_valley: float = 0.25, seed: int = 0)
         if valley > max_valley:
             continue
         flagged = proj > threshold * scale
-        found.append(Direction(rank, v.float(), valley, (proj[~flagged].mean()).item(), threshold * scale.item(),
-                               flagged))
+        found.append(Direction(rank, v.float(), valley, proj[~flagged].mean().item(), flagged))
     return found
 
 
