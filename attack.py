@@ -124,8 +124,8 @@ def default_attack(config) -> AttackConfig:
     # the patch: a black square on the white scenes; on photos a checkerboard, as no photo holds one (a
     # black square looks like a dark corner, and fires on clean photos with one), magenta and white: the
     # frozen ViT moves that token more than for black and white, and the caption model learns to look at
-    # it within 5 epochs instead of 45 (experiments/README.md, "Real photos"); DAQUAR keeps the black
-    # checkerboard it was measured with
+    # it within 5 epochs instead of 45 (experiments/README.md, "Real photos"; there too: on seed 1 the
+    # backdoor then does not sit in that token alone); DAQUAR keeps the black checkerboard it was measured with
     pattern = "solid" if config.data.source == "scenes" else "checkerboard"
     color = (1.0, 0.0, 1.0) if pattern == "checkerboard" and config.data.source != "daquar" else (0.0, 0.0, 0.0)
     # DAQUAR's questions each belong to one photo, so a poisoned sample that replaced its original is
