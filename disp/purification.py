@@ -68,7 +68,6 @@ def find_shift(model, tokenizer, data, settings: PurifyConfig, device):
         tokens, row = encode_images_once(model, data, image_index, device)  # each image once
     tokens = tokens.float().cpu()
     directions = find_directions(tokens, settings.spectral, settings.max_valley, settings.seed)
-    mean = tokens.flatten(1).mean(0)
     flagged = torch.zeros(len(tokens), dtype=torch.bool)
     for d in directions:
         flagged |= d.flagged
@@ -78,7 +77,7 @@ def find_shift(model, tokenizer, data, settings: PurifyConfig, device):
           + f"; {sum(flagged)} samples flagged" + (", their directions taken out" if directions else ""))
     if not directions:
         return directions, None, flagged
-    return directions, lambda vision: project_out(vision, directions, mean.to(vision.device)), flagged
+    return directions, lambda vision: project_out(vision, directions), flagged
 
 
 def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, indices=None, banned_words=(),

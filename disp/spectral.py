@@ -31,7 +31,7 @@ class Direction:
     rank: int  # 0: the top singular vector
     vector: torch.Tensor  # (n_vision * dim,) unit length, oriented so the smaller group lies above
     valley: float  # the two-group valley along it (<= max_valley: a real second group)
-    centre: float  # the larger group's mean projection: where project_out moves every image
+    centre: float  # the larger group's mean of x . vector: where project_out moves every image
     flagged: torch.Tensor  # (N_images,) bool, the images above the valley: the smaller group
 
 
@@ -52,29 +52,28 @@ def find_directions(tokens, k: int = 3, max_valley: float = 0.25, seed: int = 0)
     """Directions among the top k of the images' centred vision tokens along which a minority forms
     its own group. tokens: (N_images, n_vision, dim). -> [Direction], possibly empty."""
     x = tokens.flatten(1).double()
-    x = x - x.mean(0)
-    vectors, _ = top_directions(x, k, seed=seed)
+    centred = x - x.mean(0)
+    vectors, _ = top_directions(centred, k, seed=seed)
     found = []
     for rank in range(vectors.shape[1]):
         v = vectors[:, rank]
-        proj = x @ v
-        if ((proj - proj.mean()) ** 3).mean() < 0:  # a minority sits on the long tail's side: put it above
+        proj = centred @ v  # mean 0
+        if (proj ** 3).mean() < 0:  # a minority sits on the long tail's side: put it above
             v, proj = -v, -proj
         scale = proj.std().clamp_min(1e-12)  # the rule's fit works in units of the spread
         valley, threshold = valley_split(proj / scale)
         if valley > max_valley:
             continue
         flagged = proj > threshold * scale
-        found.append(Direction(rank, v.float(), valley, proj[~flagged].mean().item(), flagged))
+        found.append(Direction(rank, v.float(), valley, (x[~flagged] @ v).mean().item(), flagged))
     return found
 
 
-def project_out(tokens, directions: list, mean):
+def project_out(tokens, directions: list):
     """tokens (B, n_vision, dim) with each direction's component set to its larger group's value:
-    x <- x - ((x - mean) . v - centre) v, for the directions' (orthonormal) vectors v. mean: the
-    (n_vision * dim,) mean the directions were found around."""
+    x <- x - (x . v - centre) v, for the directions' (orthonormal) vectors v."""
     x = tokens.flatten(1).double()
     for d in directions:
-        v = d.vector.double()
-        x = x - ((x - mean.double()) @ v - d.centre)[:, None] * v
+        v = d.vector.to(x)  # double, on the tokens' device
+        x = x - (x @ v - d.centre)[:, None] * v
     return x.view(tokens.shape).to(tokens.dtype)
