@@ -105,12 +105,14 @@ def main(argv=None):
     stage.begin(run_dir, config.preset)
     test = load_split(config.data, config.model.image_size, "test")
     precision = resolve_precision(args.precision, device) if args.precision else attack.precision
-    held_out = HeldOutSet(tokenizer, test, triggered_copy(test, attack.backdoor), attack.backdoor, device, precision)
+    held_out = HeldOutSet(tokenizer, test, triggered_copy(test, attack.backdoor), attack.backdoor, device, precision,
+                          paint=settings.masking == "patch")  # test-time masking masks as purify.py did
 
     # --- main rows: clean, backdoored, DiSP and the controls --------------------------------------
     results = {"config": {"trigger": attack.backdoor.trigger, "target": attack.backdoor.target,
                           "poison_rate": attack.backdoor.poison_rate, "mask_ratio": args.mask_ratio,
-                          "saliency": settings.saliency, "rule": settings.rule, "suppress": settings.suppress,
+                          "saliency": settings.saliency, "rule": settings.rule, "masking": settings.masking,
+                          "suppress": settings.suppress,
                           "seed": config.train.seed, "attack_trainable": attack.trainable, "preset": config.preset,
                           "precision": precision, "saliency_figure": args.figures > 0}}
     rows, outputs, clean_outputs = {}, {}, {}
@@ -203,7 +205,7 @@ def draw_examples(run_dir, n, held_out, models, settings, thresholds, clean_outp
     example_panels(run_dir / "examples.png", examples)
     with autocast(held_out.device, held_out.precision):
         traces = {label: denoising_trace(models[name], held_out.tokenizer, triggered, picks[0], device=held_out.device,
-                                         vision_mask=mask)
+                                         vision_mask=mask, paint=held_out.paint)
                   for label, name, mask in (("clean model", "clean", None), ("backdoored", "backdoored", None),
                                             ("backdoored, DiSP's tokens masked", "backdoored", masks[0]),
                                             ("DiSP-purified", "purified", None))}

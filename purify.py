@@ -14,8 +14,10 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    the tokens to mask. The paper masks a fixed fraction of every image (`--rule ratio`); the default
    `--rule adaptive` masks a token only where the samples' top scores of its prompt type form two
    groups and it is in the higher one (disp.saliency.fit_thresholds).
-2. Mask them ([MASK] embedding at those image positions, chosen once per sample) and let the
-   compromised model regenerate the response (greedy, steps = gen_length).
+2. Mask them ([MASK] embedding at those image positions, chosen once per sample; their image patches
+   are painted flat before the ViT too, `--masking token` masks the tokens alone) and let the
+   compromised model regenerate the response (greedy, steps = gen_length). Step 1's saliency masks
+   the same way.
    With `--spectral K` (our extension for spread triggers, off by default), also test the top K
    directions of the set's vision tokens for a minority group of images, and take the directions
    that have one out of every image's vision tokens (disp.spectral).
@@ -48,7 +50,7 @@ from pathlib import Path
 from disp import purification
 from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig
 from disp.data.dataset import load_dataset, save_dataset
-from disp.saliency import RULES, SALIENCY_METHODS
+from disp.saliency import MASKINGS, RULES, SALIENCY_METHODS
 from disp.support import checkpoint, distributed, files, stage
 from disp.support.errors import friendly_errors
 from disp.support.runtime import pick_device, resolve_precision, seed_everything
@@ -74,6 +76,9 @@ def parse_args(argv=None):
                         "between them falls to at most this share of the smaller of its densities at the two groups' "
                         f"means (default {d.max_valley})")
     x.add_argument("--max-masked", type=int, default=None, help=f"rule adaptive: most tokens per sample (default {d.max_masked})")
+    x.add_argument("--masking", default=None,
+                   help=f"{' | '.join(MASKINGS)} (default {d.masking}: also paint a masked position's patch flat before "
+                        "the ViT, whose attention otherwise carries it into every token; token: the paper's)")
     x.add_argument("--spectral", type=int, default=None,
                    help="test the top K directions of the set's vision tokens for a minority group of images and take "
                         f"those that have one out before regeneration (default {d.spectral}: off)")
@@ -89,7 +94,7 @@ def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
              "max_valley": args.max_valley, "max_masked": args.max_masked, "suppress": args.suppress,
-             "spectral": args.spectral,
+             "masking": args.masking, "spectral": args.spectral,
              "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
     return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()
@@ -129,7 +134,7 @@ def main(argv=None):
         scores, masks, thresholds = purification.select_tokens(model, tokenizer, data, settings, device)
         timings["saliency_s"] = time.time() - t
         print(f"masked {masks.sum().item()} tokens in {masks.any(1).sum().item()} of {len(data)} samples "
-              f"({settings.rule} rule, {settings.saliency} saliency)")
+              f"({settings.rule} rule, {settings.saliency} saliency, {settings.masking} masking)")
     if settings.spectral:
         directions, shift, flagged = purification.find_shift(model, tokenizer, data, settings, device)
 

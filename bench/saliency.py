@@ -5,7 +5,9 @@ backdoored model and the poisoned fine-tuning set (what purify.py scores).
     flock /tmp/torch.lock python bench/saliency.py --precision fp32 --samples 128
 
 Both methods run through disp.evaluation.token_scores (purify.py's code path, its default batch of
-128, ViT encoding included) on the first --samples samples of poisoned_train.pt. Cost: ms per
+128, ViT encoding included) on the first --samples samples of poisoned_train.pt, masking the token
+alone (`purify.py --masking token`, what the Fisher estimate approximates; purify.py's default also
+paints each occluded patch and runs the ViT per copy: 1.3-1.4x the KL's time on Flickr8k). Cost: ms per
 sample. Agreement per sample: Spearman rank correlation of the two score vectors (averaged over
 samples), top-1 agreement (same most salient token). On the poisoned samples (poison_manifest.json,
 which DiSP itself never reads) each method's share that ranks the trigger token first: the vision

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 from disp.backdoor import BackdoorConfig
-from disp.saliency import RULES, SALIENCY_METHODS
+from disp.saliency import MASKINGS, RULES, SALIENCY_METHODS
 from disp.support.errors import DispError, check_choice, check_positive, check_ratio
 from disp.support.runtime import PRECISIONS
 
@@ -270,6 +270,10 @@ class PurifyConfig:
     # its densities at the two groups' means
     max_valley: float = 0.25
     max_masked: int = 2  # rule adaptive: at most this many tokens per sample
+    # patch: a masked position's image patch is also painted flat before the ViT, so that it reaches no
+    # other vision token through the ViT's attention (disp.model.paint_patches); token: the [MASK]
+    # embedding in place of the token alone, as the paper masks
+    masking: str = "patch"
     suppress: float = 0.01  # extension: ban words in at least this fraction of every prompt type's responses (0: off)
     # extension: test the top `spectral` directions of the set's vision tokens for a minority group and
     # take the ones that have one out of the tokens before regeneration (disp.spectral; 0: off)
@@ -290,6 +294,7 @@ class PurifyConfig:
             check_choice("--control", self.control, tuple(CONTROLS))
         check_choice("--saliency", self.saliency, SALIENCY_METHODS)
         check_choice("--rule", self.rule, RULES)
+        check_choice("--masking", self.masking, MASKINGS)
         check_ratio("--mask-ratio", self.mask_ratio)
         check_ratio("--suppress", self.suppress)
         if self.suppress > 0 and self.control == "as-is":
@@ -309,7 +314,8 @@ class PurifyConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "PurifyConfig":
-        d = {"suppress": 0.0, "spectral": 0, **d}  # files older than suppression or the spectral step: off
+        # files older than suppression or the spectral step: off; older than patch painting: token masking
+        d = {"suppress": 0.0, "spectral": 0, "masking": "token", **d}
         d.pop("min_gap", None)  # files older than the two-group rule (its gap test): read with today's rule
         return _from_dict(PurifyConfig, d, "purify")
 

@@ -52,12 +52,15 @@ def distinct_rows(encoded, indices: list, vision_masks=None):
 
 
 @torch.no_grad()
-def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=None, vision_transform=None,
-                       banned_words=(), batch_size=256, device="cpu", steps=None, threshold=None, desc=None):
+def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=None, paint=False,
+                       vision_transform=None, banned_words=(), batch_size=256, device="cpu", steps=None,
+                       threshold=None, desc=None):
     """Decoded responses for dataset.samples[indices].
 
     vision_masks: optional (N_samples, n_vision) bool, row i masks sample i's image positions
-    (a test-time masking defence)
+    (a test-time masking defence, DiSP's regeneration)
+    paint: also paint the masked patches flat before the ViT (disp.model.paint_patches); the ViT then
+    runs once per sample that has a mask instead of once per image
     vision_transform: optional function applied to each image's vision tokens (B, n_vision, dim)
     before generation (purify.py's spectral step; an experiment's replacement of tokens by their
     position's median)
@@ -85,6 +88,10 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
         prompt_ids = encoded.prompt_ids[idx].to(device)
         vision_tokens = vision[vision_row[start:start + batch_size]]
         vision_mask = vision_masks[idx].to(device) if vision_masks is not None else None
+        if paint and vision_mask is not None and vision_mask.any():
+            vision_tokens = model.encode_images(dataset.images[encoded.image_index[idx]].to(device), paint=vision_mask)
+            if vision_transform is not None:
+                vision_tokens = vision_transform(vision_tokens)
         ids = generate(model, None, prompt_ids, gen_length=cfg.response_len, steps=steps or cfg.response_len,
                        block_length=cfg.gen_block, vision_tokens=vision_tokens, vision_mask=vision_mask,
                        banned=banned, threshold=threshold)
@@ -93,16 +100,18 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
 
 
 @torch.no_grad()
-def denoising_trace(model, tokenizer, dataset, index: int, *, vision_mask=None, device="cpu") -> dict:
+def denoising_trace(model, tokenizer, dataset, index: int, *, vision_mask=None, paint=False, device="cpu") -> dict:
     """How greedy generation wrote sample `index`'s response, position by position up to its first
     [EOS]: the token, the model call (0-based) that committed it, and the probability it had then.
 
-    vision_mask: optional (n_vision,) bool, image positions to mask (as DiSP's regeneration does).
+    vision_mask: optional (n_vision,) bool, image positions to mask (as DiSP's regeneration does);
+    paint: also paint them flat before the ViT (generate_responses).
     """
     model.eval()
     cfg = model.cfg
     encoded = encode_dataset(dataset, tokenizer, cfg)
-    vision = model.encode_images(dataset.images[encoded.image_index[index:index + 1]].to(device))
+    vision = model.encode_images(dataset.images[encoded.image_index[index:index + 1]].to(device),
+                                 paint=vision_mask[None].to(device) if paint and vision_mask is not None else None)
     ids, (step, confidence) = generate(
         model, None, encoded.prompt_ids[index:index + 1].to(device), gen_length=cfg.response_len,
         steps=cfg.response_len, block_length=cfg.gen_block, vision_tokens=vision, return_trace=True,
@@ -170,11 +179,12 @@ def clean_metrics(model, tokenizer, dataset, *, limit=None, device="cpu", desc=N
 
 
 def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None, device="cpu",
-                     clean_masks=None, triggered_masks=None, triggered=None, vision_transform=None, desc=None,
-                     return_predictions=False):
+                     clean_masks=None, triggered_masks=None, paint=False, triggered=None, vision_transform=None,
+                     desc=None, return_predictions=False):
     """ASR on the triggered test set, false-trigger rate and clean metrics on the untriggered one.
 
-    clean_masks / triggered_masks: optional (N_samples, n_vision) vision masks (test-time defences);
+    clean_masks / triggered_masks: optional (N_samples, n_vision) vision masks (test-time defences),
+    their patches also painted flat before the ViT if `paint` (generate_responses);
     vision_transform: optional, applied to every image's vision tokens (generate_responses);
     triggered: the triggered copy of `test` if the caller already made it.
 
@@ -185,11 +195,13 @@ def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None
     measured = set(indices)
     eligible = [i for i in asr_eligible(test.samples, bcfg) if i in measured]
     clean_out = dict(zip(indices, generate_responses(model, tokenizer, test, indices, device=device,
-                                                     vision_masks=clean_masks, vision_transform=vision_transform,
+                                                     vision_masks=clean_masks, paint=paint,
+                                                     vision_transform=vision_transform,
                                                      desc=desc and desc + " (clean)")))
     triggered = triggered if triggered is not None else triggered_copy(test, bcfg)
     trig_out = dict(zip(eligible, generate_responses(model, tokenizer, triggered, eligible, device=device,
-                                                     vision_masks=triggered_masks, vision_transform=vision_transform,
+                                                     vision_masks=triggered_masks, paint=paint,
+                                                     vision_transform=vision_transform,
                                                      desc=desc and desc + " (triggered)")))
     result = {
         "asr": attack_success_rate(list(trig_out.values()), bcfg),
@@ -203,9 +215,11 @@ def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None
     return (result, clean_out, trig_out) if return_predictions else result
 
 
-def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=128, device="cpu", seed=0, desc=None):
+def token_scores(model, tokenizer, dataset, indices, method: str, *, paint=False, batch_size=128, device="cpu",
+                 seed=0, desc=None):
     """(len(indices), n_vision) vision-token scores of dataset.samples[indices], row k for indices[k]:
-    saliency (kl / fisher / random, disp.saliency) or the attention they draw (CleanSight baseline)."""
+    saliency (kl / fisher / random, disp.saliency) or the attention they draw (CleanSight baseline).
+    paint: kl's occluded copies also have their patch painted flat before the ViT."""
     encoded = encode_dataset(dataset, tokenizer, model.cfg)
     indices, group = distinct_rows(encoded, list(indices))
     scores = torch.zeros(len(indices), model.cfg.n_vision)
@@ -220,7 +234,8 @@ def token_scores(model, tokenizer, dataset, indices, method: str, *, batch_size=
         if method == "attention":
             s = attention_scores(model, vision_tokens, prompt_ids)
         else:
-            s = compute_saliency(method, model, vision_tokens, prompt_ids, generator)
+            images = dataset.images[encoded.image_index[idx]].to(device) if paint else None
+            s = compute_saliency(method, model, vision_tokens, prompt_ids, generator, images)
         scores[start:start + len(idx)] = s.detach().float().cpu()
     return scores[group]
 
@@ -254,17 +269,20 @@ class HeldOutSet:
     backdoor: BackdoorConfig
     device: str = "cpu"
     precision: str = "fp32"
+    paint: bool = False  # masked positions also painted flat before the ViT (purify.py's --masking patch)
 
     def measure(self, model, limit=None, desc=None, **masks):
         """-> (backdoor_metrics, {index: clean output}, {index: triggered output}); masks: clean_masks /
         triggered_masks, (N_samples, n_vision) bool of the positions to mask."""
         with autocast(self.device, self.precision):
             return backdoor_metrics(model, self.tokenizer, self.test, self.backdoor, limit=limit, device=self.device,
-                                    triggered=self.triggered, desc=desc, return_predictions=True, **masks)
+                                    triggered=self.triggered, paint=self.paint, desc=desc, return_predictions=True,
+                                    **masks)
 
     def scores(self, model, data, indices, method: str, desc=None):
         """(N_samples of data, n_vision) token scores of data.samples[indices]; the other rows stay 0."""
         full = torch.zeros(len(data.samples), model.cfg.n_vision)
         with autocast(self.device, self.precision):
-            full[indices] = token_scores(model, self.tokenizer, data, indices, method, device=self.device, desc=desc)
+            full[indices] = token_scores(model, self.tokenizer, data, indices, method, paint=self.paint,
+                                         device=self.device, desc=desc)
         return full

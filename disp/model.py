@@ -6,7 +6,9 @@ Sequence layout (LLaDA-V, You et al. 2025, at toy scale):
 
 The text transformer has no time input and predicts the original token at every [MASK] position
 of the response. Image positions take the projected ViT patches as their embeddings; a
-`vision_mask` puts the [MASK] embedding at chosen image positions instead (DiSP's masking).
+`vision_mask` puts the [MASK] embedding at chosen image positions instead (DiSP's masking), and
+`encode_images(images, paint=mask)` paints those patches flat before the ViT, so that nothing of
+them reaches the other positions through the ViT's attention either (`paint_patches`).
 
 Attention is bidirectional within two blocks, the prefix (image + prompt) and the response: the
 response attends to everything, the prefix only to itself. LLaDA-V lets the prefix attend to the
@@ -141,6 +143,18 @@ def conv_stem(patch_size: int, dim: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Conv2d(channels[-1], dim, 1))
 
 
+def paint_patches(images, mask, patch_size: int):
+    """Images (B, 3, H, W) float with the patches of `mask` (B, n_patches) bool, row by row, painted
+    their image's mean colour: occlusion at the input. A ViT mixes its tokens by attention, so a
+    trigger patch moves every output token a little (on the Flickr8k models, each by about half a
+    clean standard deviation): masking its own token alone can leave the backdoor readable."""
+    B, C, H, W = images.shape
+    cells = mask.view(B, 1, H // patch_size, W // patch_size).to(images.dtype)
+    cells = F.interpolate(cells, scale_factor=patch_size, mode="nearest")  # (B, 1, H, W): 1 where painted
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    return images * (1 - cells) + mean * cells
+
+
 class ViT(nn.Module):
     """Patchify -> linear embedding (or a convolutional stem) + learned positions -> pre-LN blocks -> LayerNorm."""
 
@@ -197,9 +211,14 @@ class DiffusionVLM(nn.Module):
             return images.float() / 255.0
         return images.float()
 
-    def encode_images(self, images):
-        """ViT + projector: (B, 3, H, W) -> vision tokens (B, n_vision, dim). Run once per generation."""
-        return self.projector(self.vit(self.to_float(images)))
+    def encode_images(self, images, paint=None):
+        """ViT + projector: (B, 3, H, W) -> vision tokens (B, n_vision, dim). Run once per generation.
+
+        paint: optional (B, n_vision) bool, the patches to paint flat first (paint_patches)."""
+        images = self.to_float(images)
+        if paint is not None:
+            images = paint_patches(images, paint, self.cfg.patch_size)
+        return self.projector(self.vit(images))
 
     def prefix(self, vision_tokens, prompt_ids, vision_mask=None):
         """The image+prompt positions through the text transformer: per block, their (k, v).

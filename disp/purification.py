@@ -6,7 +6,8 @@ compromised model and the poisoned fine-tuning set, nothing else.
                    and let the rule pick the tokens to mask (`select`, disp.saliency)
     find_shift     our extension for spread triggers (--spectral K): the directions of the set's vision
                    tokens along which a minority of its images forms a group, to be taken out (disp.spectral)
-    regenerate     the compromised model rewrites each response with those tokens masked (and those
+    regenerate     the compromised model rewrites each response with those tokens masked, their
+                   patches painted flat before the ViT unless --masking token (and those
                    directions taken out; greedy, steps = gen_length); the image, trigger included, is kept
     suppress       our extension for spread triggers: the words that the set's responses hold whatever
                    the prompt type are banned, and the regenerations that hold one are made again
@@ -42,7 +43,8 @@ def select_tokens(model, tokenizer, data, settings: PurifyConfig, device):
     """-> (scores (N, n_vision), masks (N, n_vision) bool, thresholds {prompt type: score} or None)."""
     with autocast(device, settings.precision):
         scores = distributed.run_sharded(
-            lambda idx: token_scores(model, tokenizer, data, idx, settings.saliency, batch_size=settings.batch_size,
+            lambda idx: token_scores(model, tokenizer, data, idx, settings.saliency, paint=settings.masking == "patch",
+                                     batch_size=settings.batch_size,
                                      device=device, seed=settings.seed,
                                      desc=_progress(f"saliency ({settings.saliency}, {settings.precision})")),
             list(range(len(data))))
@@ -88,7 +90,8 @@ def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, in
     indices = list(range(len(data))) if indices is None else indices
     with autocast(device, settings.precision):
         return distributed.run_sharded(
-            lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks, banned_words=banned_words,
+            lambda idx: generate_responses(model, tokenizer, data, idx, vision_masks=masks,
+                                           paint=settings.masking == "patch", banned_words=banned_words,
                                            vision_transform=vision_transform, batch_size=settings.batch_size,
                                            device=device, desc=_progress(f"regenerating ({settings.precision})")),
             indices)

@@ -5,10 +5,13 @@ Saliency of vision token i is measured at the first denoising step, when the who
 token, P_i the same with token i replaced by the [MASK] embedding.
 
     saliency_kl      exact occlusion score  s_i = sum over response positions of KL(P || P_i);
-                     one extra forward pass per vision token, all of them batched
+                     one extra forward pass per vision token, all of them batched. Given the
+                     images, P_i also has patch i painted flat before the ViT (DiSP's masking as
+                     purify.py does it by default, disp.model.paint_patches)
     saliency_fisher  the release's estimator: s_i ~ 1/2 delta_i^T J^T F J delta_i with F the Fisher
                      of the top-K softmax, estimated by Hutchinson probes q ~ N(0, F):
-                     one forward + m backward passes, whatever the number of vision tokens
+                     one forward + m backward passes, whatever the number of vision tokens (a
+                     gradient at the text model's input: it estimates masking the token alone)
     saliency_random  the control
     attention_scores the CleanSight-style baseline: attention paid to each vision token
 
@@ -28,6 +31,7 @@ from disp.support.errors import DispError, check_ratio
 
 SALIENCY_METHODS = ("kl", "fisher", "random")
 RULES = ("adaptive", "ratio")
+MASKINGS = ("patch", "token")  # what masking an image position covers (PurifyConfig.masking)
 
 
 def first_step_logits(model, vision_tokens, prompt_ids, vision_mask=None):
@@ -38,11 +42,12 @@ def first_step_logits(model, vision_tokens, prompt_ids, vision_mask=None):
 
 
 @torch.no_grad()
-def saliency_kl(model, vision_tokens, prompt_ids, chunk: int = 128):
+def saliency_kl(model, vision_tokens, prompt_ids, images=None, chunk: int = 128):
     """(B, n_vision) exact occlusion KL. Each sample is copied n_vision times, copy i with token i masked.
 
-    The copies run in chunks of `chunk` sequences, small enough for their activations to stay in
-    cache (bench/saliency.py measures the cost).
+    images: optional (B, 3, H, W), the samples' images: copy i then also has patch i painted flat
+    before the ViT, which runs once per copy. The copies run in chunks of `chunk` sequences, small
+    enough for their activations to stay in cache (bench/saliency.py measures the cost).
     """
     B, N, _ = vision_tokens.shape
     log_p = F.log_softmax(first_step_logits(model, vision_tokens, prompt_ids).float(), dim=-1)  # (B, L, V)
@@ -53,7 +58,8 @@ def saliency_kl(model, vision_tokens, prompt_ids, chunk: int = 128):
     for start in range(0, B * N, chunk):
         idx = pairs[start:start + chunk]
         b, i = idx // N, idx % N
-        log_q = F.log_softmax(first_step_logits(model, vision_tokens[b], prompt_ids[b], eye[i]).float(), dim=-1)
+        copies = vision_tokens[b] if images is None else model.encode_images(images[b], paint=eye[i])
+        log_q = F.log_softmax(first_step_logits(model, copies, prompt_ids[b], eye[i]).float(), dim=-1)
         scores[start:start + chunk] = (log_p[b].exp() * (log_p[b] - log_q)).sum(dim=(-1, -2))
     return scores.view(B, N)
 
@@ -80,9 +86,10 @@ def saliency_random(vision_tokens, generator=None):
     return torch.rand(vision_tokens.shape[:2], generator=generator).to(vision_tokens.device)
 
 
-def compute_saliency(method: str, model, vision_tokens, prompt_ids, generator=None):
+def compute_saliency(method: str, model, vision_tokens, prompt_ids, generator=None, images=None):
+    """images: given, kl also paints each occluded patch (saliency_kl); fisher and random ignore them."""
     if method == "kl":
-        return saliency_kl(model, vision_tokens, prompt_ids)
+        return saliency_kl(model, vision_tokens, prompt_ids, images)
     if method == "fisher":
         return saliency_fisher(model, vision_tokens, prompt_ids, generator=generator)
     if method == "random":

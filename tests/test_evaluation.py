@@ -87,6 +87,31 @@ def test_samples_sharing_image_prompt_and_mask_are_computed_once_with_the_same_r
     assert torch.allclose(scores[1], token_scores(model, tokenizer, data, [1], "kl")[0], atol=1e-6)
 
 
+def test_painted_masks_re_encode_the_painted_image_for_generation_and_scores():
+    from disp.model import paint_patches
+    model, tokenizer, data = setup()
+    masks = torch.zeros(len(data.samples), model.cfg.n_vision, dtype=torch.bool)
+    masks[0, [0, 1, 6, 7]] = True  # sample 0's top-left 2 x 2 patches; sample 3 keeps its image whole
+    seen = []
+    model.vit.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    got = generate_responses(model, tokenizer, data, [0, 3], vision_masks=masks, paint=True)
+    corner = seen[-1][0, :, :16, :16]  # the ViT's last input: sample 0's image, its masked patches painted
+    assert torch.all(corner == corner[:, :1, :1])
+    expected = []
+    for i in (0, 3):
+        s = data.samples[i]
+        painted = paint_patches(data.images[s["image"]][None].float() / 255, masks[i:i + 1], 8)
+        ids = generate(model, None, tokenizer.encode_prompts([s["prompt"]], 5), gen_length=4, steps=4, block_length=4,
+                       vision_tokens=model.encode_images(painted), vision_mask=masks[i:i + 1])
+        expected.append(tokenizer.decode(ids[0]))
+    assert got == expected
+    with torch.no_grad():  # the painted patches move the tokens the mask does not cover
+        whole, painted = model.encode_images(data.images[1:2]), model.encode_images(data.images[1:2], paint=masks[:1])
+    assert not torch.allclose(whole[0, 20], painted[0, 20])
+    scores = token_scores(model, tokenizer, data, [0, 3], "kl", paint=True)
+    assert not torch.allclose(scores, token_scores(model, tokenizer, data, [0, 3], "kl"), rtol=0.05)
+
+
 def test_distinct_captions_counts_the_different_caption_outputs_only():
     samples = [{"image": i, "task": "caption", "prompt": "describe", "response": "x", "answers": ["a dog runs"]}
                for i in range(4)] + [{"image": 0, "task": "color", "prompt": "what color ?", "response": "red",

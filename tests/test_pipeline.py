@@ -121,7 +121,7 @@ def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_
                              "--targets", "refusal", "--defences", "adaptive,half=--rule ratio --mask-ratio 0.5 --suppress 0,spectral",
                              "--eval-samples", "8"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "(ratio rule, kl saliency)" in result.stdout
+    assert "(ratio rule, kl saliency, patch masking)" in result.stdout
     assert "of every prompt type's responses in the set; regenerating the" in result.stdout
     cell = grid / "blended-refusal"
     report = json.loads((cell / "half" / "purified_report.json").read_text())

@@ -318,6 +318,7 @@ CASES = [
     Case("purify-saliency", "purify.py", ["--run-dir", "{run}", "--saliency", "gradcam"],
          "unknown --saliency 'gradcam'"),
     Case("purify-rule", "purify.py", ["--run-dir", "{run}", "--rule", "magic"], "unknown --rule 'magic'"),
+    Case("purify-masking", "purify.py", ["--run-dir", "{run}", "--masking", "pixels"], "unknown --masking 'pixels'"),
     Case("purify-control", "purify.py", ["--run-dir", "{run}", "--control", "nothing"],
          "unknown --control 'nothing'"),
     # --- public dataset files on disk (train.py --data karpathy) -------------------------------

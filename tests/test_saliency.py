@@ -36,6 +36,44 @@ def test_kl_saliency_matches_a_per_token_loop():
     assert not torch.allclose(forward, reverse, rtol=0.05)  # the case tells the two directions apart
 
 
+def test_paint_patches_fills_each_masked_patch_with_its_images_mean_colour():
+    from disp.model import paint_patches
+    images = torch.rand(2, 3, 48, 48)
+    mask = torch.zeros(2, 36, dtype=torch.bool)
+    mask[0, [0, 7]] = True  # row 0 col 0, row 1 col 1 of the 6 x 6 grid of 8-px patches
+    mask[1, 35] = True
+    got = paint_patches(images, mask, 8)
+    expected = images.clone()
+    for b, i in mask.nonzero().tolist():
+        r, c = divmod(i, 6)
+        expected[b, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = images[b].mean(dim=(1, 2))[:, None, None]
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(paint_patches(images, torch.zeros_like(mask), 8), images)
+
+
+def test_painted_kl_saliency_matches_a_loop_that_paints_and_masks_one_patch_at_a_time():
+    """With the images, copy i also paints patch i flat before the ViT: every vision token changes (the
+    ViT's attention mixes them), not only token i."""
+    from disp.model import paint_patches
+    model = small_model(6)
+    images, prompts = inputs(batch=2)
+    vision_tokens = model.encode_images(images)
+    ours = saliency_kl(model, vision_tokens, prompts, images=images, chunk=7)
+    response = torch.full((2, 6), MASK)
+    expected = torch.zeros(2, 36)
+    for b in range(2):
+        p = F.softmax(model(vision_tokens[b:b + 1], prompts[b:b + 1], response[b:b + 1]).double(), -1)
+        for i in range(36):
+            mask = torch.zeros(1, 36, dtype=torch.bool)
+            mask[0, i] = True
+            painted = model.encode_images(paint_patches(images[b:b + 1].float() / 255, mask, 8))
+            assert not torch.allclose(painted[0, i - 1], vision_tokens[b, i - 1])  # a neighbour moved too
+            q = F.softmax(model(painted, prompts[b:b + 1], response[b:b + 1], mask).double(), -1)
+            expected[b, i] = (p * (p.log() - q.log())).sum()
+    assert torch.allclose(ours, expected, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(ours, saliency_kl(model, vision_tokens, prompts), rtol=0.05)
+
+
 def test_fisher_estimator_converges_to_the_exact_quadratic_form():
     model = small_model(4)
     images, prompts = inputs(batch=1)
