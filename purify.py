@@ -17,7 +17,7 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
 2. Mask them ([MASK] embedding at those image positions, chosen once per sample; their image patches
    are painted flat before the ViT too, `--masking token` masks the tokens alone) and let the
    compromised model regenerate the response (greedy, steps = gen_length). Step 1's saliency masks
-   the same way.
+   the same way. `--regenerate masked` regenerates only the samples with a masked position.
    With `--spectral K` (our extension for spread triggers, off by default), also test the top K
    directions of the set's vision tokens for a minority group of images, and take the directions
    that have one out of every image's vision tokens (disp.spectral).
@@ -48,7 +48,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from disp import purification
-from disp.config import CONTROLS, TINY_NOTE, AttackConfig, PurifyConfig
+from disp.config import CONTROLS, REGENERATE, TINY_NOTE, AttackConfig, PurifyConfig
 from disp.data.dataset import load_dataset, save_dataset
 from disp.saliency import MASKINGS, RULES, SALIENCY_METHODS
 from disp.support import checkpoint, distributed, files, stage
@@ -79,6 +79,9 @@ def parse_args(argv=None):
     x.add_argument("--masking", default=None,
                    help=f"{' | '.join(MASKINGS)} (default {d.masking}: also paint a masked position's patch flat before "
                         "the ViT, whose attention otherwise carries it into every token; token: the paper's)")
+    x.add_argument("--regenerate", default=None,
+                   help=f"{' | '.join(REGENERATE)} (default {d.regenerate}: every response, as the paper; masked: only the "
+                        "samples with a masked position, the others keep theirs)")
     x.add_argument("--spectral", type=int, default=None,
                    help="test the top K directions of the set's vision tokens for a minority group of images and take "
                         f"those that have one out before regeneration (default {d.spectral}: off)")
@@ -94,7 +97,7 @@ def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
              "max_valley": args.max_valley, "max_masked": args.max_masked, "suppress": args.suppress,
-             "masking": args.masking, "spectral": args.spectral,
+             "masking": args.masking, "regenerate": args.regenerate, "spectral": args.spectral,
              "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
     return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()
@@ -143,7 +146,13 @@ def main(argv=None):
     responses = originals
     if settings.control != "as-is":
         t = time.time()
-        responses = purification.regenerate(model, tokenizer, data, masks, settings, device, vision_transform=shift)
+        if settings.regenerate == "all":
+            responses = purification.regenerate(model, tokenizer, data, masks, settings, device, vision_transform=shift)
+        else:  # --regenerate masked: the samples without a masked position keep their response
+            which, responses = masks.any(1).nonzero().flatten().tolist(), list(originals)
+            for i, r in zip(which, purification.regenerate(model, tokenizer, data, masks, settings, device, which,
+                                                           vision_transform=shift)):
+                responses[i] = r
         if settings.suppress > 0:
             responses, banned = purification.suppress(model, tokenizer, data, responses, masks, settings, device, shift)
         timings["regeneration_s"] = time.time() - t

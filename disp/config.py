@@ -274,6 +274,9 @@ class PurifyConfig:
     # other vision token through the ViT's attention (disp.model.paint_patches); token: the [MASK]
     # embedding in place of the token alone, as the paper masks
     masking: str = "patch"
+    # all: every response is regenerated (the paper); masked: only the samples with a masked position,
+    # the others keep their response (self-distillation alone removes no backdoor and costs captions)
+    regenerate: str = "all"
     suppress: float = 0.01  # extension: ban words in at least this fraction of every prompt type's responses (0: off)
     # extension: test the top `spectral` directions of the set's vision tokens for a minority group and
     # take the ones that have one out of the tokens before regeneration (disp.spectral; 0: off)
@@ -295,6 +298,10 @@ class PurifyConfig:
         check_choice("--saliency", self.saliency, SALIENCY_METHODS)
         check_choice("--rule", self.rule, RULES)
         check_choice("--masking", self.masking, MASKINGS)
+        check_choice("--regenerate", self.regenerate, REGENERATE)
+        if self.regenerate == "masked" and self.control is not None:
+            raise DispError("--regenerate masked keeps every response that DiSP's masks leave alone; the controls mask "
+                            "nothing (use --regenerate all)")
         check_ratio("--mask-ratio", self.mask_ratio)
         check_ratio("--suppress", self.suppress)
         if self.suppress > 0 and self.control == "as-is":
@@ -319,6 +326,8 @@ class PurifyConfig:
         d.pop("min_gap", None)  # files older than the two-group rule (its gap test): read with today's rule
         return _from_dict(PurifyConfig, d, "purify")
 
+
+REGENERATE = ("all", "masked")  # PurifyConfig.regenerate
 
 # results.json key of each control (its checkpoint stage) -> its row in the tables
 CONTROL_ROWS = {PurifyConfig(control=c).stage: label for c, label in CONTROLS.items()}

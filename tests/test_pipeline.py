@@ -112,13 +112,14 @@ def test_compare_and_aggregate_tables(tiny_pipeline, tmp_path, mode, out_name, h
 
 
 def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_path):
-    """experiments/disp_grid.py: one cell (attack.py), three defences (purify.py; the second with the paper's
-    ratio rule, the third with suppression and the spectral step), every model measured, one table;
-    purify.py reports what it used."""
+    """experiments/disp_grid.py: one cell (attack.py), three defences (purify.py; the first regenerating only
+    the masked samples, the second with the paper's ratio rule, the third with suppression and the spectral
+    step), every model measured, one table; purify.py reports what it used."""
     grid = tmp_path / "grid"
     result = subprocess.run([sys.executable, "experiments/disp_grid.py", "--clean-checkpoint",
                              str(tiny_pipeline / "clean.pt"), "--grid-dir", str(grid), "--triggers", "blended",
-                             "--targets", "refusal", "--defences", "adaptive,half=--rule ratio --mask-ratio 0.5 --suppress 0,spectral",
+                             "--targets", "refusal", "--defences",
+                             "keep=--regenerate masked --suppress 0,half=--rule ratio --mask-ratio 0.5 --suppress 0,spectral",
                              "--eval-samples", "8"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(ratio rule, kl saliency, patch masking)" in result.stdout
@@ -127,7 +128,11 @@ def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_
     report = json.loads((cell / "half" / "purified_report.json").read_text())
     assert report["settings"]["rule"] == "ratio" and report["settings"]["mask_ratio"] == 0.5
     assert report["n_masked_samples"] == report["n_samples"]  # every sample: half of its tokens
-    assert json.loads((cell / "adaptive" / "purified_report.json").read_text())["settings"]["rule"] == "adaptive"
+    report = json.loads((cell / "keep" / "purified_report.json").read_text())
+    assert report["settings"]["rule"] == "adaptive" and report["settings"]["regenerate"] == "masked"
+    rows = [json.loads(line) for line in (cell / "keep" / "purified_train.jsonl").read_text().splitlines()]
+    assert all(r["regenerated"] == r["original"] for r in rows if not r["masked_tokens"])
+    assert sum(r["changed"] for r in rows) == report["n_changed"] <= report["n_masked_samples"]
     report = json.loads((cell / "spectral" / "purified_report.json").read_text())
     assert report["settings"]["suppress"] == 0.01
     rows = [json.loads(line) for line in (cell / "spectral" / "purified_train.jsonl").read_text().splitlines()]
@@ -139,7 +144,7 @@ def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_
     report = json.loads((cell / "spectral" / "purified_report.json").read_text())
     assert report["settings"]["spectral"] == 3 and report["spectral"] == [] and report["n_flagged_samples"] == 0
     rows = json.loads((grid / "disp_grid.json").read_text())["blended-refusal"]
-    assert set(rows) == {"clean", "backdoored", "adaptive", "half", "spectral"}
+    assert set(rows) == {"clean", "backdoored", "keep", "half", "spectral"}
     for row in rows.values():
         assert 0 <= row["asr"] <= 1 and 0 <= row["false_trigger_rate"] <= 1
     assert (grid / "disp_grid.md").read_text().count("| blended-refusal |") == 5

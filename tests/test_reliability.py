@@ -319,6 +319,9 @@ CASES = [
          "unknown --saliency 'gradcam'"),
     Case("purify-rule", "purify.py", ["--run-dir", "{run}", "--rule", "magic"], "unknown --rule 'magic'"),
     Case("purify-masking", "purify.py", ["--run-dir", "{run}", "--masking", "pixels"], "unknown --masking 'pixels'"),
+    Case("purify-regenerate", "purify.py", ["--run-dir", "{run}", "--regenerate", "some"], "unknown --regenerate 'some'"),
+    Case("purify-control-regenerate", "purify.py", ["--run-dir", "{run}", "--control", "self-distill", "--regenerate",
+                                                    "masked"], "--regenerate masked keeps every response that DiSP's"),
     Case("purify-control", "purify.py", ["--run-dir", "{run}", "--control", "nothing"],
          "unknown --control 'nothing'"),
     # --- public dataset files on disk (train.py --data karpathy) -------------------------------
