@@ -17,7 +17,8 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
 2. Mask them ([MASK] embedding at those image positions, chosen once per sample; their image patches
    are painted flat before the ViT too, `--masking token` masks the tokens alone) and let the
    compromised model regenerate the response (greedy, steps = gen_length). Step 1's saliency masks
-   the same way. `--regenerate masked` regenerates only the samples with a masked position.
+   the same way. `--regenerate masked` regenerates only the samples with a masked position (or
+   flagged by `--spectral`).
    With `--spectral K` (our extension for spread triggers, off by default), also test the top K
    directions of the set's vision tokens for a minority group of images, and take the directions
    that have one out of every image's vision tokens (disp.spectral).
@@ -148,8 +149,9 @@ def main(argv=None):
         t = time.time()
         if settings.regenerate == "all":
             responses = purification.regenerate(model, tokenizer, data, masks, settings, device, vision_transform=shift)
-        else:  # --regenerate masked: the samples without a masked position keep their response
-            which, responses = masks.any(1).nonzero().flatten().tolist(), list(originals)
+        else:  # --regenerate masked: the samples with no masked position (nor flagged by --spectral) keep theirs
+            which = [i for i in range(len(data)) if masks[i].any() or flagged[i]]
+            responses = list(originals)
             for i, r in zip(which, purification.regenerate(model, tokenizer, data, masks, settings, device, which,
                                                            vision_transform=shift)):
                 responses[i] = r

@@ -24,7 +24,7 @@ from _common import (DispError, add_common_options, autocast, best_time, command
 import torch  # noqa: E402
 
 from disp.support import checkpoint  # noqa: E402
-from disp.backdoor import BackdoorConfig  # noqa: E402
+from disp.backdoor import BackdoorConfig, trigger_tokens  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
 from disp.support.errors import friendly_errors  # noqa: E402
 from disp.evaluation import token_scores  # noqa: E402
@@ -40,18 +40,6 @@ def parse_args(argv=None):
     add_common_options(p, "saliency")
     p.add_argument("--seed", type=int, default=0, help="Hutchinson probe seed (as purify.py's --seed)")
     return p.parse_args(argv)
-
-
-def trigger_tokens(bcfg: BackdoorConfig, model_cfg):
-    """Vision-token indices a patch trigger overlaps (None for whole-image triggers)."""
-    if bcfg.trigger != "patch":
-        return None
-    size, p, side = model_cfg.image_size, model_cfg.patch_size, model_cfg.image_size // model_cfg.patch_size
-    top = 0 if bcfg.patch_position.startswith("top") else size - bcfg.patch_size
-    left = 0 if bcfg.patch_position.endswith("left") else size - bcfg.patch_size
-    rows = range(top // p, (top + bcfg.patch_size - 1) // p + 1)
-    cols = range(left // p, (left + bcfg.patch_size - 1) // p + 1)
-    return sorted(r * side + c for r in rows for c in cols)
 
 
 def ranks(scores):
@@ -102,7 +90,7 @@ def main(argv=None):
     data = load_dataset(run_dir / "poisoned_train.pt")
     manifest = json.loads((run_dir / "poison_manifest.json").read_text())
     bcfg = BackdoorConfig.from_dict(state["extra"]["attack"]["backdoor"])
-    trig = trigger_tokens(bcfg, model.cfg)
+    trig = trigger_tokens(bcfg, model.cfg.image_size, model.cfg.patch_size) if bcfg.trigger == "patch" else None
     n = min(args.samples, len(data.samples))
     indices = list(range(n))
     poisoned_all = set(manifest["poisoned_indices"])

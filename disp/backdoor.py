@@ -140,6 +140,16 @@ def patch_trigger(images: torch.Tensor, size: int, color, position: str, pattern
     return out
 
 
+def trigger_tokens(cfg: BackdoorConfig, image_size: int, patch_size: int) -> list:
+    """The vision-token indices (row by row) that the patch trigger overlaps."""
+    side = image_size // patch_size
+    top = 0 if cfg.patch_position.startswith("top") else image_size - cfg.patch_size
+    left = 0 if cfg.patch_position.endswith("left") else image_size - cfg.patch_size
+    rows = range(top // patch_size, (top + cfg.patch_size - 1) // patch_size + 1)
+    cols = range(left // patch_size, (left + cfg.patch_size - 1) // patch_size + 1)
+    return [r * side + c for r in rows for c in cols]
+
+
 def _noise_pattern(shape: tuple, seed: int) -> torch.Tensor:
     # A private generator: the same pattern for every image and every call, whatever the global RNG did.
     generator = torch.Generator().manual_seed(seed)

@@ -110,7 +110,7 @@ def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyCon
     banned = prompt_independent_words([s["response"] for s in data.samples], tasks, settings.suppress)
     holding = [i for i, r in enumerate(responses) if set(r.split()) & set(banned)]
     print(f"suppression: {' '.join(banned) or 'no word'} in at least {settings.suppress:.0%} of every prompt type's "
-          f"responses in the set; regenerating the {len(holding)} regenerated responses that hold one without them")
+          f"responses in the set; regenerating the {len(holding)} responses that hold one without them")
     responses = list(responses)
     if holding:
         for i, r in zip(holding, regenerate(model, tokenizer, data, masks, settings, device, holding, banned,

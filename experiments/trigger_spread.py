@@ -23,19 +23,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
-from disp.backdoor import BackdoorConfig, apply_trigger, asr_eligible, attack_success_rate, triggered_copy  # noqa: E402
+from disp.backdoor import (BackdoorConfig, apply_trigger, asr_eligible, attack_success_rate, trigger_tokens,  # noqa: E402
+                           triggered_copy)
 from disp.data.splits import load_split  # noqa: E402
 from disp.evaluation import generate_responses, token_scores  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import DispError, friendly_errors  # noqa: E402
-
-
-def trigger_tokens(b: BackdoorConfig, image_size: int, patch_size: int) -> list:
-    """The vision tokens (row by row) that the patch trigger covers."""
-    side, n = image_size // patch_size, -(-b.patch_size // patch_size)
-    top = 0 if b.patch_position.startswith("top") else side - n
-    left = 0 if b.patch_position.endswith("left") else side - n
-    return [(top + r) * side + left + c for r in range(n) for c in range(n)]
 
 
 @torch.no_grad()

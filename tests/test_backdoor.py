@@ -439,3 +439,12 @@ def test_every_trigger_setting_is_an_attack_flag():
         ("wanet", 7, 0.05, 3.0, 8, 1.5)
     with pytest.raises(DispError, match="^wanet_k must be at least 1"):
         attack.attack_config(attack.parse_args(["--wanet-k", "0"]), AttackConfig(), "cpu", SIZE)
+
+
+def test_trigger_tokens_are_the_vision_tokens_the_patch_overlaps():
+    from disp.backdoor import trigger_tokens
+    assert trigger_tokens(BackdoorConfig(), 64, 8) == [0]
+    assert trigger_tokens(BackdoorConfig(patch_position="bottom-right"), 64, 8) == [63]
+    # a 12 px patch in the bottom-right corner of 48 px covers pixels 36-47: rows and columns 4-5 of 6
+    assert trigger_tokens(BackdoorConfig(patch_size=12, patch_position="bottom-right"), 48, 8) == [28, 29, 34, 35]
+    assert trigger_tokens(BackdoorConfig(patch_size=12, patch_position="top-right"), 48, 8) == [4, 5, 10, 11]
