@@ -279,7 +279,7 @@ def test_suppression_regenerates_what_the_model_writes_whatever_it_sees(tiny_pip
         kept[rate] = sum("<backdoor>" in r["regenerated"].split() for r in rows)
         if rate == "0.01":
             assert json.loads((tmp_path / "purified_report.json").read_text())["suppressed_words"] == ["<backdoor>"]
-            assert f"regenerating the {len(rows)} regenerated responses" in result.stdout
+            assert f"regenerating the {len(rows)} responses" in result.stdout
     assert kept == {"0.01": 0, "0": len(rows)}
     # the self-distillation control suppresses too: it differs from DiSP in the masking only
     result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(tmp_path), "--control", "self-distill",
