@@ -30,7 +30,7 @@ from disp.evaluation import clean_metrics, generate_responses, majority_answer, 
 from disp.support import checkpoint, distributed, files, stage
 from disp.support.errors import DispError, check_choice, check_positive, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
-from disp.training import finetune, pretrain_vision
+from disp.training import copy_vision, finetune, pretrain_vision
 
 
 def parse_args(argv=None):
@@ -53,6 +53,9 @@ def parse_args(argv=None):
     x.add_argument("--vision-crop", type=float, default=None,
                    help="public data: pretrain on random square crops of at least this share of the side (default: "
                         "the preset's; 1: none)")
+    x.add_argument("--vision-from", default=None,
+                   help="start from the ViT of this clean.pt (a run of the same preset, e.g. Flickr8k's for DAQUAR's "
+                        "few photos) instead of pretraining one; with --vision-steps N, pretrain it N more steps here")
     x.add_argument("--conv-stem", type=int, default=None, help="1: a convolutional stem instead of the linear patch "
                                                                "embedding, 0: none (default: the preset's)")
     x.add_argument("--block-length", type=int, default=None,
@@ -78,8 +81,11 @@ def new_config(args, device) -> Config:
                    data_root=str(Path(args.data_root).resolve()) if args.data_root else data.data_root)
     check_choice("--data", data.source, SOURCES)
     given = {"sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "precision": args.precision,
-             "vision_objective": args.vision_objective, "vision_crop": args.vision_crop, "sft_vit_lr": args.sft_vit_lr}
+             "vision_objective": args.vision_objective, "vision_crop": args.vision_crop, "sft_vit_lr": args.sft_vit_lr,
+             "vision_from": str(Path(args.vision_from).resolve()) if args.vision_from else None}
     train = replace(train, seed=seed, **{k: v for k, v in given.items() if v is not None}).validate()
+    if train.vision_from and args.vision_steps is None:  # the copied ViT is not pretrained again unless asked
+        train = replace(train, vision_steps=0)
     train = replace(train, precision=resolve_precision(train.precision, device))
     model = config.model
     if args.conv_stem is not None:
@@ -99,12 +105,14 @@ def resumed_config(args, resume: dict, path: Path) -> Config:
               "data_root": config.data.data_root, "sft_steps": config.train.sft_steps,
               "vision_steps": config.train.vision_steps, "vision_objective": config.train.vision_objective,
               "vision_crop": config.train.vision_crop, "conv_stem": int(config.model.conv_stem),
-              "sft_vit_lr": config.train.sft_vit_lr, "block_length": config.model.block_length}
+              "sft_vit_lr": config.train.sft_vit_lr, "block_length": config.model.block_length,
+              "vision_from": config.train.vision_from}
     given = {"preset": args.preset if args.preset != "auto" else None, "seed": args.seed, "data": args.data,
              "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
              "sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "vision_objective": args.vision_objective,
              "vision_crop": args.vision_crop, "conv_stem": args.conv_stem, "sft_vit_lr": args.sft_vit_lr,
-             "block_length": args.block_length}
+             "block_length": args.block_length,
+             "vision_from": str(Path(args.vision_from).resolve()) if args.vision_from else None}
     stage.check_same_flags(path, stored, given)
     return config
 
@@ -119,6 +127,12 @@ def main(argv=None):
     resume = stage.resume_point(resume_path, "clean") if args.resume else None
     config = resumed_config(args, resume, resume_path) if resume is not None else new_config(args, device)
     precision = config.train.precision
+    vision_source = None  # a ViT to copy instead of pretraining one (--vision-from), read before anything is written
+    if resume is None and config.train.vision_from:
+        if not Path(config.train.vision_from).is_file():
+            raise DispError(f"--vision-from {config.train.vision_from} does not exist; give the clean.pt of a finished "
+                            f"train.py run of the same preset")
+        vision_source = checkpoint.load(config.train.vision_from, stages=("clean",))[0]
     stage.begin(run_dir, config.preset)
     seed_everything(config.train.seed)
 
@@ -149,15 +163,20 @@ def main(argv=None):
         checkpoint.save(resume_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
                         optimizer=optimizer, step=step, finished=False, rng=rng, extra={"phase": phase})
 
-    # --- phase 1: vision-encoder pretraining ---------------------------------------------------
+    # --- phase 1: vision-encoder pretraining (or a copied ViT, pretrained further if vision_steps) --
     if resume is None:
-        bow = None
-        if train.patch_labels is None:  # public data: bag of words of each image's texts
-            bow = torch.zeros(len(train.images), len(tokenizer))
-            for s in train.samples:
-                bow[s["image"], tokenizer.encode(s["response"])] = 1.0
-        loss = pretrain_vision(model, train.images, train.patch_labels, bow, config.train, device, config.train.seed)
-        print(f"vision pretraining done: loss {loss:.4f}")
+        if vision_source is not None:
+            copy_vision(model, vision_source, config.train.vision_from)
+            print(f"vision encoder copied from {config.train.vision_from}")
+        if config.train.vision_steps:
+            bow = None
+            if train.patch_labels is None:  # public data: bag of words of each image's texts
+                bow = torch.zeros(len(train.images), len(tokenizer))
+                for s in train.samples:
+                    bow[s["image"], tokenizer.encode(s["response"])] = 1.0
+            loss = pretrain_vision(model, train.images, train.patch_labels, bow, config.train, device,
+                                   config.train.seed)
+            print(f"vision pretraining done: loss {loss:.4f}")
         if distributed.is_main():
             save_resume(0, None, None)
     else:

@@ -98,6 +98,8 @@ class TrainConfig:
     # "both". vision_crop < 1: random square crops of at least this share of the side, resized back
     vision_objective: str = "words"
     vision_crop: float = 1.0
+    # phase 1 replaced: the ViT copied from this clean.pt (another run, e.g. one trained on more photos)
+    vision_from: str = ""
     sft_steps: int = 6000  # phase 2: multimodal SFT with the masked-diffusion loss
     lr: float = 1e-3
     sft_vit_lr: float = 0.0  # phase 2: the ViT's peak learning rate (0: frozen, its features computed once)

@@ -174,6 +174,24 @@ def pretrain_vision(model, images, patch_labels, texts_bow, cfg, device, seed):
     return loss.item()
 
 
+VIT_SHAPE = ("image_size", "patch_size", "vit_dim", "vit_depth", "vit_heads", "mlp_ratio", "conv_stem")
+
+
+@torch.no_grad()
+def copy_vision(model, source, name):
+    """Phase 1 replaced: the ViT of `source` (another run's model, e.g. one pretrained on more photos)
+    copied into `model`, all but its pretraining heads (they name the other run's vocabulary)."""
+    differ = [f"{k} {getattr(source.cfg, k)} vs {getattr(model.cfg, k)}" for k in VIT_SHAPE
+              if getattr(source.cfg, k) != getattr(model.cfg, k)]
+    if differ:
+        raise DispError(f"{name}: its ViT does not fit this model ({', '.join(differ)}); take the ViT from a run "
+                        f"of the same preset")
+    weights = {k: v for k, v in source.vit.state_dict().items() if not k.startswith("patch_heads.")}
+    model.vit.load_state_dict(weights, strict=False)
+    missing = [k for k in model.vit.state_dict() if not k.startswith("patch_heads.") and k not in weights]
+    assert not missing, missing  # VIT_SHAPE equal -> the same parameters
+
+
 @torch.no_grad()
 def frozen_vit_features(model, images, device, batch_size=256):
     """(N_images, n_vision, vit_dim): a frozen ViT gives the same features every epoch, so they are

@@ -104,6 +104,7 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--conv-stem", "2"], "--conv-stem must be 0 or 1, got 2"),
     (["--block-length", "-4"], "--block-length must be >= 0, got -4"),
     (["--sft-vit-lr=-1e-4"], "--sft-vit-lr must be >= 0, got -0.0001"),
+    (["--vision-from", "/nonexistent/run/clean.pt"], "--vision-from /nonexistent/run/clean.pt does not exist"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     """In-process, as `python train.py ...` runs it (tests.conftest.run_main); nothing is written."""
@@ -111,6 +112,32 @@ def test_bad_input_gives_one_line_error(args, message, tmp_path):
     lines = stderr.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_vision_from_copies_the_vit_and_skips_pretraining(tiny_run, tmp_path):
+    """--vision-from: the new run's frozen ViT is the source's, its pretraining heads aside, unless
+    --vision-steps pretrains it further; a ViT of another shape is a one-line error."""
+    source = tiny_run / "clean.pt"
+    result = run("train.py", "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--vision-from", str(source),
+                 "--seed", "1", "--sft-steps", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "vision pretraining" not in result.stderr
+    _, _, config, state = checkpoint.load(tmp_path / "run" / "clean.pt")
+    assert config.train.vision_from == str(source.resolve()) and config.train.vision_steps == 0
+    reference = checkpoint.load_state(source)["model"]
+    vit = [k for k in reference if k.startswith("vit.") and not k.startswith("vit.patch_heads.")]
+    assert vit and all(torch.equal(state["model"][k], reference[k]) for k in vit)
+    assert not torch.equal(state["model"]["lm_head.weight"], reference["lm_head.weight"])  # seed 1's own text model
+    # --vision-steps N on top: the copied ViT is pretrained further on this run's images
+    result = run("train.py", "--preset", "tiny", "--run-dir", str(tmp_path / "more"), "--vision-from", str(source),
+                 "--vision-steps", "2", "--sft-steps", "2")
+    assert result.returncode == 0 and "vision pretraining" in result.stderr, result.stderr[-2000:]
+    more = checkpoint.load_state(tmp_path / "more" / "clean.pt")["model"]
+    assert not all(torch.equal(more[k], reference[k]) for k in vit)
+    result = run("train.py", "--preset", "tiny", "--run-dir", str(tmp_path / "stem"), "--vision-from", str(source),
+                 "--conv-stem", "1", "--sft-steps", "4")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith("error: ") and "conv_stem False vs True" in lines[-1]
 
 
 @pytest.mark.parametrize("flag", ["bf16", "auto"])
