@@ -5,10 +5,11 @@
     python train.py --resume                       # continue an interrupted run
     torchrun --nproc_per_node=2 train.py           # data-parallel (gloo on CPU, nccl on GPUs)
 
-Phase 1 pretrains the ViT on what each patch shows (a stand-in for a pretrained vision tower);
-phase 2 freezes it and trains projector + text transformer with the masked-diffusion SFT loss.
-The run's settings (preset, seed, data, precision) are stored in clean.pt; the later stages read
-them from there. Writes, in the run directory:
+Phase 1 pretrains the ViT on what each patch shows (a stand-in for a pretrained vision tower), or
+takes it from another run's clean.pt (--vision-from: DAQUAR's 715 photos are too few, it starts from
+the Flickr8k run's ViT); phase 2 freezes it and trains projector + text transformer with the
+masked-diffusion SFT loss. The run's settings (preset, seed, data, precision) are stored in
+clean.pt; the later stages read them from there. Writes, in the run directory:
     clean.pt            the clean model with its config and tokenizer
     clean_metrics.json  held-out metrics on the test split
     clean.resume.pt     while training (every checkpoint_every steps); removed at the end
