@@ -9,8 +9,6 @@
 # DATA: scenes (default) | coco | karpathy | flickr | vqav2 | daquar (public data: read from DATA_ROOT).
 # PRESET: auto (default) picks cpu for the scenes, photo (64 px photos, 64 vision tokens) for public
 # data, daquar (photo with a longer attack) for DAQUAR; gpu-photo for a full-size dataset on one GPU.
-# VISION_FROM: a clean.pt whose ViT train.py starts from instead of pretraining one (same preset; on
-# DAQUAR the Flickr8k run's lifts clean accuracy, but DiSP then finds no trigger: experiments/README.md).
 # The later stages read the run's preset, data, seed and precision from clean.pt.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -19,9 +17,7 @@ PRESET=${PRESET:-auto}
 DATA=${DATA:-scenes}
 DATA_ROOT=${DATA_ROOT:-}
 SEED=${SEED:-0}
-VISION_FROM=${VISION_FROM:-}
-python train.py --preset "$PRESET" --data "$DATA" --data-root "$DATA_ROOT" --run-dir "$RUN" --seed "$SEED" \
-    ${VISION_FROM:+--vision-from "$VISION_FROM"}
+python train.py --preset "$PRESET" --data "$DATA" --data-root "$DATA_ROOT" --run-dir "$RUN" --seed "$SEED"
 python attack.py --run-dir "$RUN"
 python purify.py --run-dir "$RUN"
 python purify.py --run-dir "$RUN" --control self-distill   # DiSP less the masking
