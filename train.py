@@ -21,9 +21,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
-from disp.config import TINY_NOTE, VISION_OBJECTIVES, Config, fit_lengths, get_preset, with_vocabulary
+from disp.config import TINY_NOTE, VISION_OBJECTIVES, Config, data_summary, fit_to_data, get_preset
 from disp.data.batching import encode_dataset
 from disp.data.splits import SOURCES, load_splits
 from disp.data.tokenizer import Tokenizer
@@ -31,7 +30,7 @@ from disp.evaluation import clean_metrics, generate_responses, majority_answer, 
 from disp.support import checkpoint, distributed, files, stage
 from disp.support.errors import DispError, check_choice, check_positive, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
-from disp.training import copy_vision, finetune, pretrain_vision
+from disp.training import finetune, vision_phase
 
 
 def parse_args(argv=None):
@@ -128,12 +127,9 @@ def main(argv=None):
     resume = stage.resume_point(resume_path, "clean") if args.resume else None
     config = resumed_config(args, resume, resume_path) if resume is not None else new_config(args, device)
     precision = config.train.precision
-    vision_source = None  # a ViT to copy instead of pretraining one (--vision-from), read before anything is written
-    if resume is None and config.train.vision_from:
-        if not Path(config.train.vision_from).is_file():
-            raise DispError(f"--vision-from {config.train.vision_from} does not exist; give the clean.pt of a finished "
-                            f"train.py run of the same preset")
-        vision_source = checkpoint.load(config.train.vision_from, stages=("clean",))[0]
+    # --vision-from: the ViT to start from, read before anything is written
+    vision_source = checkpoint.load(config.train.vision_from, stages=("clean",))[0] \
+        if resume is None and config.train.vision_from else None
     stage.begin(run_dir, config.preset)
     seed_everything(config.train.seed)
 
@@ -143,18 +139,8 @@ def main(argv=None):
     if resume is not None:
         tokenizer = Tokenizer.from_dict(resume["tokenizer"])
     else:
-        tokenizer = Tokenizer.for_samples(train.samples, config.data.min_word_count)
-        config = with_vocabulary(config, len(tokenizer), train.meta.get("patch_classes") or [len(tokenizer)])
-        config = fit_lengths(config, [len(tokenizer.encode(s["prompt"])) for s in train.samples],
-                             [len(tokenizer.encode(s["response"])) for s in train.samples])
-    words = [w for s in train.samples for w in tokenizer.encode(s["response"])]
-    lengths = [len(tokenizer.encode(s["response"])) for s in train.samples]
-    response_len = config.model.response_len
-    print(f"data: {len(train)} train / {len(val)} val / {len(test)} test samples "
-          f"({len(train.images)} train images), vocab {len(tokenizer)} (words seen >= {config.data.min_word_count} "
-          f"times; {1 - words.count(tokenizer.unk_id) / max(1, len(words)):.1%} of response words), prompt_len "
-          f"{config.model.prompt_len}, response_len {response_len} (holds "
-          f"{sum(n <= response_len for n in lengths) / len(lengths):.1%} of responses), {time.time() - t0:.1f}s")
+        config, tokenizer = fit_to_data(config, train)
+    print(f"{data_summary(config, tokenizer, train, val, test)}, {time.time() - t0:.1f}s")
 
     model = checkpoint.build_model(config, tokenizer).to(device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
@@ -164,20 +150,9 @@ def main(argv=None):
         checkpoint.save(resume_path, stage="clean", model=model, config=config, tokenizer=tokenizer,
                         optimizer=optimizer, step=step, finished=False, rng=rng, extra={"phase": phase})
 
-    # --- phase 1: vision-encoder pretraining (or a copied ViT, pretrained further if vision_steps) --
+    # --- phase 1: the vision encoder, pretrained here or copied (--vision-from) ------------------
     if resume is None:
-        if vision_source is not None:
-            copy_vision(model, vision_source, config.train.vision_from)
-            print(f"vision encoder copied from {config.train.vision_from}")
-        if config.train.vision_steps:
-            bow = None
-            if train.patch_labels is None:  # public data: bag of words of each image's texts
-                bow = torch.zeros(len(train.images), len(tokenizer))
-                for s in train.samples:
-                    bow[s["image"], tokenizer.encode(s["response"])] = 1.0
-            loss = pretrain_vision(model, train.images, train.patch_labels, bow, config.train, device,
-                                   config.train.seed)
-            print(f"vision pretraining done: loss {loss:.4f}")
+        print(vision_phase(model, train, tokenizer, config.train, device, vision_source))
         if distributed.is_main():
             save_resume(0, None, None)
     else:

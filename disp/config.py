@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 from disp.backdoor import BackdoorConfig
+from disp.data.tokenizer import Tokenizer
 from disp.saliency import MASKINGS, RULES, SALIENCY_METHODS
 from disp.support.errors import DispError, check_choice, check_positive, check_ratio
 from disp.support.runtime import PRECISIONS
@@ -354,6 +355,29 @@ def with_vocabulary(config: Config, vocab_size: int, patch_classes: list) -> Con
     """The run's config once its tokenizer exists: the model's vocabulary size and the classes of the
     ViT's pretraining heads (per-patch attributes of the scenes, or the vocabulary for public data)."""
     return replace(config, model=replace(config.model, vocab_size=vocab_size, patch_classes=list(patch_classes)))
+
+
+def fit_to_data(config: Config, train) -> tuple:
+    """-> (config, tokenizer) of a new run: the tokenizer of the training texts (words seen at least
+    min_word_count times), the vocabulary and the pretraining heads' classes, the fitted lengths."""
+    tokenizer = Tokenizer.for_samples(train.samples, config.data.min_word_count)
+    config = with_vocabulary(config, len(tokenizer), train.meta.get("patch_classes") or [len(tokenizer)])
+    config = fit_lengths(config, [len(tokenizer.encode(s["prompt"])) for s in train.samples],
+                         [len(tokenizer.encode(s["response"])) for s in train.samples])
+    return config, tokenizer
+
+
+def data_summary(config: Config, tokenizer, train, val, test) -> str:
+    """One line on the run's data: split sizes, and how much of the responses the vocabulary and the
+    response length hold."""
+    words = [w for s in train.samples for w in tokenizer.encode(s["response"])]
+    lengths = [len(tokenizer.encode(s["response"])) for s in train.samples]
+    response_len = config.model.response_len
+    return (f"data: {len(train)} train / {len(val)} val / {len(test)} test samples ({len(train.images)} train "
+            f"images), vocab {len(tokenizer)} (words seen >= {config.data.min_word_count} times; "
+            f"{1 - words.count(tokenizer.unk_id) / max(1, len(words)):.1%} of response words), prompt_len "
+            f"{config.model.prompt_len}, response_len {response_len} (holds "
+            f"{sum(n <= response_len for n in lengths) / max(1, len(lengths)):.1%} of responses)")
 
 
 TINY_NOTE = ("tiny preset: a smoke test of the code paths in seconds; its models learn nothing (empty outputs, "

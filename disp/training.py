@@ -179,17 +179,39 @@ VIT_SHAPE = ("image_size", "patch_size", "vit_dim", "vit_depth", "vit_heads", "m
 
 @torch.no_grad()
 def copy_vision(model, source, name):
-    """Phase 1 replaced: the ViT of `source` (another run's model, e.g. one pretrained on more photos)
-    copied into `model`, all but its pretraining heads (they name the other run's vocabulary)."""
+    """The ViT of `source` (another run's model, e.g. one pretrained on more photos) copied into
+    `model`, all but its pretraining heads (they name the other run's vocabulary)."""
     differ = [f"{k} {getattr(source.cfg, k)} vs {getattr(model.cfg, k)}" for k in VIT_SHAPE
               if getattr(source.cfg, k) != getattr(model.cfg, k)]
     if differ:
         raise DispError(f"{name}: its ViT does not fit this model ({', '.join(differ)}); take the ViT from a run "
                         f"of the same preset")
     weights = {k: v for k, v in source.vit.state_dict().items() if not k.startswith("patch_heads.")}
-    model.vit.load_state_dict(weights, strict=False)
-    missing = [k for k in model.vit.state_dict() if not k.startswith("patch_heads.") and k not in weights]
-    assert not missing, missing  # VIT_SHAPE equal -> the same parameters
+    missing = model.vit.load_state_dict(weights, strict=False).missing_keys
+    assert all(k.startswith("patch_heads.") for k in missing), missing  # VIT_SHAPE equal -> the same parameters
+
+
+def images_bag_of_words(dataset, tokenizer):
+    """(N_images, vocab) 0/1: the words of each image's texts, phase 1's target on public data."""
+    bow = torch.zeros(len(dataset.images), len(tokenizer))
+    for s in dataset.samples:
+        bow[s["image"], tokenizer.encode(s["response"])] = 1.0
+    return bow
+
+
+def vision_phase(model, train, tokenizer, cfg, device, source=None) -> str:
+    """Phase 1: the ViT copied from `source` (the model of cfg.vision_from) if given, then pretrained
+    cfg.vision_steps on train's images (per-patch labels of the scenes, else the images' words);
+    returns a line saying what was done."""
+    done = []
+    if source is not None:
+        copy_vision(model, source, cfg.vision_from)
+        done.append(f"vision encoder copied from {cfg.vision_from}")
+    if cfg.vision_steps:
+        bow = images_bag_of_words(train, tokenizer) if train.patch_labels is None else None
+        loss = pretrain_vision(model, train.images, train.patch_labels, bow, cfg, device, cfg.seed)
+        done.append(f"vision pretraining done: loss {loss:.4f}")
+    return "; ".join(done) or "vision encoder left as initialised (--vision-steps 0)"
 
 
 @torch.no_grad()

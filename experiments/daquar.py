@@ -30,21 +30,16 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp pa
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from disp.config import fit_lengths, get_preset, with_vocabulary  # noqa: E402
+from disp.config import fit_to_data, get_preset  # noqa: E402
 from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.splits import load_splits  # noqa: E402
-from disp.data.tokenizer import Tokenizer  # noqa: E402
 from disp.evaluation import generate_responses, score  # noqa: E402
-from disp.metrics import normalize_vqa_answer  # noqa: E402
+from disp.metrics import vqa_accuracy  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import DispError, check_positive, friendly_errors  # noqa: E402
 from disp.support.files import write_json  # noqa: E402
 from disp.support.runtime import autocast, resolve_precision, seed_everything  # noqa: E402
-from disp.training import Finetuner, copy_vision, pretrain_vision  # noqa: E402
-
-
-def exact(prediction, sample) -> bool:
-    return normalize_vqa_answer(prediction) == normalize_vqa_answer(sample["answers"][0])
+from disp.training import Finetuner, vision_phase  # noqa: E402
 
 
 def bag_of_words_baseline(train, val, test, epochs=30, seed=0):
@@ -62,11 +57,12 @@ def bag_of_words_baseline(train, val, test, epochs=30, seed=0):
     def accuracy(linear, x, ds):
         with torch.no_grad():
             picks = linear(x).argmax(1).tolist()
-        return sum(exact(answers[k], s) for k, s in zip(picks, ds.samples)) / len(ds.samples)
+        return sum(vqa_accuracy(answers[k], s["answers"]) for k, s in zip(picks, ds.samples)) / len(ds.samples)
 
     torch.manual_seed(seed)
     x_train, x_val, x_test = features(train), features(val), features(test)
-    y = torch.tensor([answers.index(s["response"]) for s in train.samples])
+    index = {a: k for k, a in enumerate(answers)}
+    y = torch.tensor([index[s["response"]] for s in train.samples])
     linear = torch.nn.Linear(len(vocab), len(answers))
     optimizer = torch.optim.AdamW(linear.parameters(), lr=1e-2, weight_decay=1e-3)
     best = (-1.0, 0, 0.0)
@@ -107,20 +103,19 @@ def main(argv=None):
                                           seed=args.seed),
                      train=replace(config.train, seed=args.seed, sft_steps=args.steps,
                                    vision_steps=config.train.vision_steps if vision_steps is None else vision_steps,
+                                   vision_from=str(Path(args.vision_from).resolve()) if args.vision_from else "",
                                    vision_mask_max=config.train.vision_mask_max if args.vision_mask_max is None
                                    else args.vision_mask_max,
                                    precision=resolve_precision("auto", torch.device("cpu"))))
     seed_everything(args.seed)
     train, val, test = load_splits(config.data, config.model.image_size)
-    tokenizer = Tokenizer.for_samples(train.samples, config.data.min_word_count)
-    config = with_vocabulary(config, len(tokenizer), [len(tokenizer)])
-    config = fit_lengths(config, [len(tokenizer.encode(s["prompt"])) for s in train.samples],
-                         [len(tokenizer.encode(s["response"])) for s in train.samples])
-    result = {"config": config.to_dict(), "vision_from": args.vision_from}
+    config, tokenizer = fit_to_data(config, train)
+    result = {"config": config.to_dict()}
 
     # --- 1. question-only references -----------------------------------------------------------
     majority = Counter(s["response"] for s in train.samples).most_common(1)[0][0]
-    result["majority"] = {"answer": majority, "test": sum(exact(majority, s) for s in test.samples) / len(test.samples)}
+    result["majority"] = {"answer": majority,
+                          "test": sum(vqa_accuracy(majority, s["answers"]) for s in test.samples) / len(test.samples)}
     val_acc, epoch, test_acc = bag_of_words_baseline(train, val, test)
     result["bag_of_words"] = {"val": val_acc, "epoch": epoch, "test": test_acc}
     print(f"question only: majority {majority!r} {result['majority']['test']:.3f}; bag of words (epoch {epoch} "
@@ -130,7 +125,7 @@ def main(argv=None):
     def writable(s):
         ids = tokenizer.encode(s["response"])
         return tokenizer.unk_id not in ids and len(ids) <= config.model.response_len and \
-            exact(tokenizer.decode(ids), s)
+            vqa_accuracy(tokenizer.decode(ids), s["answers"]) == 1
     result["writable_test"] = sum(map(writable, test.samples)) / len(test.samples)
     result["multi_word_test"] = sum("," in s["response"] for s in test.samples) / len(test.samples)
     print(f"test answers the model can write: {result['writable_test']:.3f} (lists of words: "
@@ -140,14 +135,8 @@ def main(argv=None):
     device, precision = torch.device("cpu"), config.train.precision
     model = checkpoint.build_model(config, tokenizer)
     t0 = time.time()
-    if args.vision_from:
-        source = checkpoint.load(args.vision_from, stages=("clean",))[0]
-        copy_vision(model, source, args.vision_from)
-    if config.train.vision_steps:
-        bow = torch.zeros(len(train.images), len(tokenizer))
-        for s in train.samples:
-            bow[s["image"], tokenizer.encode(s["response"])] = 1.0
-        pretrain_vision(model, train.images, None, bow, config.train, device, args.seed)
+    source = checkpoint.load(args.vision_from, stages=("clean",))[0] if args.vision_from else None
+    print(vision_phase(model, train, tokenizer, config.train, device, source))
     result["vision_minutes"] = (time.time() - t0) / 60
     n_vision = config.model.n_vision
     blind = torch.ones(len(test.samples), n_vision, dtype=torch.bool)

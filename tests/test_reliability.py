@@ -685,7 +685,7 @@ def test_interrupt_messages_say_what_was_saved(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "pretrain_vision", interrupted)  # Ctrl-C before any resume point
+    monkeypatch.setattr(train, "vision_phase", interrupted)  # Ctrl-C before any resume point
     code, stderr = run_main("train.py", ["--preset", "tiny", "--run-dir", str(tmp_path / "a")])
     assert code == 130 and "nothing was saved" in stderr and "--resume" not in stderr
     monkeypatch.undo()

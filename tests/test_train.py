@@ -104,7 +104,7 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--conv-stem", "2"], "--conv-stem must be 0 or 1, got 2"),
     (["--block-length", "-4"], "--block-length must be >= 0, got -4"),
     (["--sft-vit-lr=-1e-4"], "--sft-vit-lr must be >= 0, got -0.0001"),
-    (["--vision-from", "/nonexistent/run/clean.pt"], "--vision-from /nonexistent/run/clean.pt does not exist"),
+    (["--vision-from", "/nonexistent/run/clean.pt"], "folder /nonexistent/run does not exist (looked for checkpoint clean.pt"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
     """In-process, as `python train.py ...` runs it (tests.conftest.run_main); nothing is written."""

@@ -106,7 +106,7 @@ def load_plain(path, what="checkpoint"):
     if not path.is_file():
         if not path.parent.is_dir():
             raise DispError(f"folder {path.parent} does not exist (looked for {what} {path.name} there); "
-                            f"check --run-dir")
+                            f"check --run-dir or the flag that named the file")
         raise DispError(f"{what} {path} does not exist; run the stage that writes it first")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
