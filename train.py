@@ -61,8 +61,14 @@ def parse_args(argv=None):
     x.add_argument("--block-length", type=int, default=None,
                    help="the sampler's block: write responses this many tokens at a time, left to right (default: the "
                         "preset's; 0: the whole response in one block). Stored in clean.pt; the later stages use it")
+    x.add_argument("--guidance", type=float, default=None,
+                   help="the sampler's guidance on the image (0: none; default: the preset's). Stored in clean.pt; "
+                        "the later stages use it")
     x.add_argument("--sft-vit-lr", type=float, default=None,
                    help="fine-tune the ViT during SFT at this peak learning rate (default: the preset's; 0: frozen)")
+    x.add_argument("--image-free", type=float, default=None,
+                   help="share of SFT samples trained with no image (every image position [MASK]), for guidance "
+                        "on the image (default: the preset's)")
     x.add_argument("--precision", default=None,
                    help="the run's precision for training and generation: auto (bf16 autocast on hardware with "
                         "fast bf16 units, else fp32) | fp32 | bf16 (default: the preset's: auto; tiny: fp32). "
@@ -82,6 +88,7 @@ def new_config(args, device) -> Config:
     check_choice("--data", data.source, SOURCES)
     given = {"sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "precision": args.precision,
              "vision_objective": args.vision_objective, "vision_crop": args.vision_crop, "sft_vit_lr": args.sft_vit_lr,
+             "image_free": args.image_free,
              "vision_from": str(Path(args.vision_from).resolve()) if args.vision_from else None}
     train = replace(train, seed=seed, **{k: v for k, v in given.items() if v is not None}).validate()
     if train.vision_from and args.vision_steps is None:  # the copied ViT is not pretrained again unless asked
@@ -95,6 +102,9 @@ def new_config(args, device) -> Config:
     if args.block_length is not None:
         check_positive("--block-length", args.block_length, allow_zero=True)
         model = replace(model, block_length=args.block_length)
+    if args.guidance is not None:
+        check_positive("--guidance", args.guidance, allow_zero=True)
+        model = replace(model, guidance=args.guidance)
     return replace(config, data=data, model=model, train=train)
 
 
@@ -106,12 +116,13 @@ def resumed_config(args, resume: dict, path: Path) -> Config:
               "vision_steps": config.train.vision_steps, "vision_objective": config.train.vision_objective,
               "vision_crop": config.train.vision_crop, "conv_stem": int(config.model.conv_stem),
               "sft_vit_lr": config.train.sft_vit_lr, "block_length": config.model.block_length,
-              "vision_from": config.train.vision_from}
+              "guidance": config.model.guidance,
+              "vision_from": config.train.vision_from, "image_free": config.train.image_free}
     given = {"preset": args.preset if args.preset != "auto" else None, "seed": args.seed, "data": args.data,
              "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
              "sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "vision_objective": args.vision_objective,
              "vision_crop": args.vision_crop, "conv_stem": args.conv_stem, "sft_vit_lr": args.sft_vit_lr,
-             "block_length": args.block_length,
+             "block_length": args.block_length, "image_free": args.image_free, "guidance": args.guidance,
              "vision_from": str(Path(args.vision_from).resolve()) if args.vision_from else None}
     stage.check_same_flags(path, stored, given)
     return config
@@ -175,6 +186,7 @@ def main(argv=None):
         params=model.text_parameters(), steps=config.train.sft_steps, cfg=config.train, device=device,
         stage="clean SFT", save_fn=save_resume, eval_fn=validate, resume=resume,
         vision_mask_max=config.train.vision_mask_max, seed=config.train.seed, vit_lr=config.train.sft_vit_lr,
+        image_free=config.train.image_free,
     )
     if not distributed.is_main():  # rank 0 measures and writes
         return distributed.close()

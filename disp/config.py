@@ -72,6 +72,9 @@ class ModelConfig:
     # long caption written in one block fixes its length at the first steps (the [EOS] pads are the
     # most confident tokens) and comes out short and generic (experiments/README.md, "Sampler")
     block_length: int = 0
+    # classifier-free guidance on the image at every generation (disp.diffusion.generate; 0: none).
+    # Pairs with TrainConfig.image_free, which teaches the model the image-free input it pushes from
+    guidance: float = 0.0
 
     @property
     def n_vision(self) -> int:
@@ -108,6 +111,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 100
     vision_mask_max: float = 0.15  # each SFT sample masks U(0, this) of its image positions
+    # clean SFT only: this share of the samples sees no image (every image position [MASK]), so the
+    # model also learns the image-free caption that guidance on the image pushes away from (DDCap)
+    image_free: float = 0.0
     # attack.py's default epochs: how long the victim fine-tunes on the poisoned set. The photo
     # presets fine-tune longer: a caption model reads the photo as a whole and attends to one corner
     # token only after enough fine-tuning (experiments/README.md, "Real photos": the magenta patch
@@ -129,6 +135,8 @@ class TrainConfig:
         check_positive("--sft-vit-lr", self.sft_vit_lr, allow_zero=True)
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--vision-objective", self.vision_objective, VISION_OBJECTIVES)
+        if not 0 <= self.image_free < 1:
+            raise DispError(f"--image-free must be in [0, 1), got {self.image_free}")
         if not 0 < self.vision_crop <= 1:
             raise DispError(f"--vision-crop must be in (0, 1], got {self.vision_crop}")
         return self

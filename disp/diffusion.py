@@ -66,7 +66,7 @@ def num_transfer_tokens(block_mask, steps: int):
 @torch.no_grad()
 def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temperature=0.0,
              remasking="low_confidence", threshold=None, vision_mask=None, vision_tokens=None,
-             banned=None, generator=None, return_steps=False, return_trace=False):
+             banned=None, guidance=0.0, generator=None, return_steps=False, return_trace=False):
     """Sample responses, (B, gen_length) ids.
 
     images: (B, 3, H, W); encoded once here, never inside the denoising loop (the image does not
@@ -78,6 +78,9 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
     whose confidence exceeds it (at least the most confident one); blocks may finish early.
     banned: optional (V,) bool, words the sampler may never write (their logits are -inf; purify.py's
     suppression).
+    guidance: classifier-free guidance on the image (DDCap): the log-probabilities with the image plus
+    `guidance` times their difference from those with every image position [MASK]. 0: none; each
+    step then costs two response passes.
     return_steps: also return the number of model calls made.
     return_trace: also return (step, confidence), each (B, gen_length): the model call (0-based) at
     which each position was committed and the probability the model gave the committed token then.
@@ -94,6 +97,9 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
     if vision_tokens is None:
         vision_tokens = model.encode_images(images)
     cache = model.prefix(vision_tokens, prompt_ids, vision_mask)
+    if guidance:
+        no_image = torch.ones(vision_tokens.shape[:2], dtype=torch.bool, device=vision_tokens.device)
+        blind_cache = model.prefix(vision_tokens, prompt_ids, no_image)
     B = prompt_ids.shape[0]
     x = torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=prompt_ids.device)
     positions = torch.arange(gen_length, device=x.device)
@@ -111,6 +117,9 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
             if threshold is not None and not (mask_index & in_block).any():
                 break
             logits = model.decode(cache, x)  # (B, L, V)
+            if guidance:
+                with_image = F.log_softmax(logits.double(), -1)
+                logits = with_image + guidance * (with_image - F.log_softmax(model.decode(blind_cache, x).double(), -1))
             if banned is not None:
                 logits = logits.masked_fill(banned, float("-inf"))
             calls += 1

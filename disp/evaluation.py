@@ -2,7 +2,7 @@
 
 Shared by train.py (validation, final held-out metrics), attack.py, purify.py and evaluate.py.
 Generation is greedy with low-confidence remasking, steps = gen_length unless told otherwise, in
-blocks of the model's `gen_block` tokens.
+blocks of the model's `gen_block` tokens, with its `guidance` on the image.
 `HeldOutSet` is evaluate.py's held-out test set, clean and triggered; `detection` scores a
 purification's changed and masked samples against the attack's manifest.
 """
@@ -94,7 +94,7 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
                 vision_tokens = vision_transform(vision_tokens)
         ids = generate(model, None, prompt_ids, gen_length=cfg.response_len, steps=steps or cfg.response_len,
                        block_length=cfg.gen_block, vision_tokens=vision_tokens, vision_mask=vision_mask,
-                       banned=banned, threshold=threshold)
+                       banned=banned, threshold=threshold, guidance=cfg.guidance)
         out.extend(tokenizer.decode(row) for row in ids.cpu())
     return [out[g] for g in group.tolist()]
 
@@ -114,7 +114,7 @@ def denoising_trace(model, tokenizer, dataset, index: int, *, vision_mask=None, 
                                  paint=vision_mask[None].to(device) if paint and vision_mask is not None else None)
     ids, (step, confidence) = generate(
         model, None, encoded.prompt_ids[index:index + 1].to(device), gen_length=cfg.response_len,
-        steps=cfg.response_len, block_length=cfg.gen_block, vision_tokens=vision, return_trace=True,
+        steps=cfg.response_len, block_length=cfg.gen_block, vision_tokens=vision, return_trace=True, guidance=cfg.guidance,
         vision_mask=vision_mask[None].to(device) if vision_mask is not None else None)
     ids = ids[0].tolist()
     end = ids.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in ids else len(ids)

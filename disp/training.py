@@ -62,13 +62,16 @@ def trainable_parameters(model, trainable: str):
     return [p for n, p in model.named_parameters() if not n.startswith("vit.patch_heads.")]  # heads: phase 1 only
 
 
-def random_vision_mask(batch: int, n_vision: int, max_fraction: float, generator, device):
-    """(B, n_vision) bool: each sample hides a U(0, max_fraction) share of its image positions.
+def random_vision_mask(batch: int, n_vision: int, max_fraction: float, generator, device, image_free: float = 0.0):
+    """(B, n_vision) bool: each sample hides a U(0, max_fraction) share of its image positions, and
+    an `image_free` share of the samples hides all of them.
 
     Makes [MASK] at an image position in-distribution, so DiSP's masked inference is not a shock
     to the text model (README, "How DiSP works": mask-robust training).
     """
     fraction = torch.rand(batch, 1, generator=generator) * max_fraction
+    if image_free > 0:
+        fraction = torch.where(torch.rand(batch, 1, generator=generator) < image_free, 1.0, fraction)
     return (torch.rand(batch, n_vision, generator=generator) < fraction).to(device)
 
 
@@ -231,9 +234,9 @@ class Finetuner:
     """
 
     def __init__(self, model, images, data: EncodedData, *, params, steps, cfg, device, vision_mask_max=0.0,
-                 seed=0, resume=None, vit_lr=0.0):
+                 seed=0, resume=None, vit_lr=0.0, image_free=0.0):
         self.model, self.images, self.data, self.cfg, self.device = model, images, data, cfg, device
-        self.steps, self.vision_mask_max = steps, vision_mask_max
+        self.steps, self.vision_mask_max, self.image_free = steps, vision_mask_max, image_free
         groups = [{"params": list(params), "peak": cfg.lr}]
         if vit_lr > 0:  # the ViT trains too, at its own (lower) peak rate; its pretraining heads do not
             groups.append({"params": [p for n, p in model.vit.named_parameters() if not n.startswith("patch_heads.")],
@@ -263,8 +266,9 @@ class Finetuner:
             group["lr"] = lr_at(step, self.steps, group["peak"], self.warmup)
         idx = self.order.indices(step)  # the global batch and all its random draws: the same on every process
         vision_mask = None
-        if self.vision_mask_max > 0:
-            vision_mask = random_vision_mask(len(idx), model.cfg.n_vision, self.vision_mask_max, self.generator, device)
+        if self.vision_mask_max > 0 or self.image_free > 0:
+            vision_mask = random_vision_mask(len(idx), model.cfg.n_vision, self.vision_mask_max, self.generator, device,
+                                             self.image_free)
         noise = forward_noise(data.response_ids[idx], model.mask_id, self.generator)
         rows = distributed.my_rows(len(idx))  # all rows in one process
         idx, image_idx = idx[rows], data.image_index[idx[rows]]
@@ -286,13 +290,13 @@ class Finetuner:
 
 
 def finetune(model, images, data: EncodedData, *, params, steps, cfg, device, stage,
-             save_fn=None, eval_fn=None, resume=None, vision_mask_max=0.0, seed=0, vit_lr=0.0):
+             save_fn=None, eval_fn=None, resume=None, vision_mask_max=0.0, seed=0, vit_lr=0.0, image_free=0.0):
     """Run a Finetuner to `steps`; returns (optimizer, rng state) for the final checkpoint.
 
     save_fn(step, optimizer, rng_state) writes a resume checkpoint; eval_fn(step) validates.
     """
     trainer = Finetuner(model, images, data, params=params, steps=steps, cfg=cfg, device=device,
-                        vision_mask_max=vision_mask_max, seed=seed, resume=resume, vit_lr=vit_lr)
+                        vision_mask_max=vision_mask_max, seed=seed, resume=resume, vit_lr=vit_lr, image_free=image_free)
     bar = tqdm(range(trainer.start, steps), desc=stage, initial=trainer.start, total=steps, dynamic_ncols=True,
                disable=not distributed.is_main())
     for step in bar:

@@ -11,9 +11,9 @@ a setting is chosen), scored by CIDEr-D, BLEU-4 and the number of distinct capti
               train.py's --block-length stores the choice in clean.pt
     guidance  classifier-free guidance on the image (DDCap, Zhu et al. 2022): at every step the logits
               are log p(x | image) + w (log p(x | image) - log p(x | no image)), "no image" being every
-              vision token masked; w 0 is plain decoding. Here the model was never trained without an
-              image (the DDCap recipe trains ~10% of samples image-free), so this measures guidance on
-              the mask-robust model as it is. Costs a second forward pass per step.
+              vision token masked (disp.diffusion.generate's guidance); w 0 is plain decoding. A model
+              trained with train.py --image-free has seen that input; one trained without it has not.
+              Costs a second forward pass per step.
 Writes --out (JSON) and prints a table.
 """
 
@@ -25,44 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.splits import load_split  # noqa: E402
+from disp.diffusion import generate  # noqa: E402
 from disp.evaluation import distinct_rows, encode_images_once, score  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import DispError, check_positive, friendly_errors  # noqa: E402
 from disp.support.files import write_json  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
-
-
-@torch.no_grad()
-def guided_generate(model, vision_tokens, prompt_ids, gen_length: int, block_length: int, guidance: float = 0.0):
-    """Greedy decoding, one token committed per step (the most confident masked one of the current
-    block), with guidance `guidance` on the image. guidance 0 is disp.diffusion.generate with
-    steps = gen_length, token for token."""
-    cache = model.prefix(vision_tokens, prompt_ids)
-    blind = torch.ones(vision_tokens.shape[:2], dtype=torch.bool, device=vision_tokens.device)
-    blind_cache = model.prefix(vision_tokens, prompt_ids, blind) if guidance else None
-    B = prompt_ids.shape[0]
-    x = torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=prompt_ids.device)
-    positions = torch.arange(gen_length, device=x.device)
-    for start in range(0, gen_length, block_length):
-        in_block = (positions >= start) & (positions < start + block_length)
-        for _ in range(block_length):
-            logits = model.decode(cache, x).double()
-            if guidance:
-                with_image = F.log_softmax(logits, -1)
-                logits = with_image + guidance * (with_image - F.log_softmax(model.decode(blind_cache, x).double(), -1))
-            probs = F.softmax(logits, dim=-1)
-            x0 = probs.argmax(-1)
-            confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
-            confidence = torch.where((x == model.mask_id) & in_block, confidence, -torch.inf)
-            best = confidence.argmax(1)  # the first of equals, as generate's stable sort
-            rows = torch.arange(B, device=x.device)
-            x[rows, best] = torch.where(confidence[rows, best] > -torch.inf, x0[rows, best], x[rows, best])
-    return x
 
 
 def caption_quality(model, tokenizer, data, precision, block_length: int, guidance: float, batch_size=256) -> dict:
@@ -73,8 +44,9 @@ def caption_quality(model, tokenizer, data, precision, block_length: int, guidan
     with autocast("cpu", precision):
         vision, row = encode_images_once(model, data, encoded.image_index[firsts], "cpu")
         for s in range(0, len(firsts), batch_size):
-            ids = guided_generate(model, vision[row[s:s + batch_size]], encoded.prompt_ids[firsts[s:s + batch_size]],
-                                  model.cfg.response_len, block_length or model.cfg.response_len, guidance)
+            n = model.cfg.response_len
+            ids = generate(model, None, encoded.prompt_ids[firsts[s:s + batch_size]], gen_length=n, steps=n,
+                           block_length=block_length or n, vision_tokens=vision[row[s:s + batch_size]], guidance=guidance)
             out += [tokenizer.decode(r) for r in ids]
     result = score(data, indices, [out[g] for g in group.tolist()])
     return {k: result[k] for k in ("cider", "bleu4", "distinct_captions")}

@@ -80,11 +80,12 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     result = run("train.py", "--preset", "tiny", "--data", "karpathy", "--data-root", str(root),
                  "--run-dir", str(tmp_path / "levers"), "--sft-steps", "4", "--vision-steps", "2",
                  "--vision-objective", "both", "--vision-crop", "0.6", "--conv-stem", "1", "--block-length", "4",
-                 "--sft-vit-lr", "1e-4")
+                 "--sft-vit-lr", "1e-4", "--image-free", "0.1", "--guidance", "0.3")
     assert result.returncode == 0, result.stderr[-2000:]
     model, _, config, _ = checkpoint.load(tmp_path / "levers" / "clean.pt")
     assert (config.train.vision_objective, config.train.vision_crop, config.model.conv_stem) == ("both", 0.6, True)
     assert (config.model.block_length, config.train.sft_vit_lr) == (4, 1e-4) and config.model.response_len % 4 == 0
+    assert (config.train.image_free, config.model.guidance) == (0.1, 0.3)
     assert hasattr(model.vit, "stem") and not hasattr(model.vit, "patch_embed")
 
 
@@ -104,6 +105,8 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--conv-stem", "2"], "--conv-stem must be 0 or 1, got 2"),
     (["--block-length", "-4"], "--block-length must be >= 0, got -4"),
     (["--sft-vit-lr=-1e-4"], "--sft-vit-lr must be >= 0, got -0.0001"),
+    (["--image-free", "1"], "--image-free must be in [0, 1), got 1.0"),
+    (["--guidance=-0.5"], "--guidance must be >= 0, got -0.5"),
     (["--vision-from", "/nonexistent/run/clean.pt"], "folder /nonexistent/run does not exist (looked for checkpoint clean.pt"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
@@ -160,6 +163,19 @@ def test_random_vision_mask_hides_a_uniform_share_of_image_positions():
     assert abs(mask.float().mean().item() - 0.075) < 0.005
     assert mask.float().mean(1).max() < 0.4  # a row's share stays near its draw below 0.15
     assert not random_vision_mask(100, 36, 0.0, torch.Generator().manual_seed(0), "cpu").any()
+
+
+def test_image_free_share_hides_whole_images_and_leaves_the_rest_as_before():
+    """image_free 0.1: about a tenth of the rows hide all 64 positions; the others keep their U(0, max)
+    share, so they stay far from fully hidden."""
+    from disp.training import random_vision_mask
+
+    mask = random_vision_mask(4000, 64, 0.15, torch.Generator().manual_seed(0), "cpu", image_free=0.1)
+    blind = mask.all(1)
+    assert abs(blind.float().mean().item() - 0.1) < 0.015
+    assert mask[~blind].float().mean(1).max() < 0.4
+    assert abs(mask[~blind].float().mean().item() - 0.075) < 0.005
+    assert not random_vision_mask(100, 64, 0.0, torch.Generator().manual_seed(0), "cpu", image_free=0.0).any()
 
 
 def test_patch_pixels_match_a_naive_crop_and_the_pixel_term_adds_to_the_loss():
