@@ -4,8 +4,8 @@
         --blocks 0,2,4,5,10 --guidance 0,0.06,0.3,1
 
 For each clean.pt (a caption model: Flickr8k, COCO, ...) and each setting, greedy low-confidence
-decoding of the captions of --val-images images of the val split (not the test split: this is where
-a setting is chosen), scored by CIDEr-D, BLEU-4 and the number of distinct captions.
+decoding of the captions of --val-images images of the val split (this is where a setting is chosen;
+`--split test` then checks the chosen one on the test images, as evaluate.py scores them), scored by CIDEr-D, BLEU-4 and the number of distinct captions.
     block     LLaDA's semi-autoregressive decoding: the response is written this many tokens at a
               time, left to right, each block by confidence (0: one block, the whole response);
               train.py's --block-length stores the choice in clean.pt
@@ -68,21 +68,22 @@ def main(argv=None):
     p.add_argument("--blocks", default="0,4", help="block lengths (0: the whole response), comma-separated")
     p.add_argument("--guidance", default="0", help="guidance scales w (0: none), comma-separated")
     p.add_argument("--val-images", type=int, default=500, help="val images captioned (default 500)")
+    p.add_argument("--split", default="val", choices=["val", "test"], help="val (default) | test (every test image)")
     p.add_argument("--out", default="runs/sampler.json", help="where the results go (JSON)")
     args = p.parse_args(argv)
     blocks, scales = numbers(args.blocks, int, "--blocks"), numbers(args.guidance, float, "--guidance")
     check_positive("--val-images", args.val_images)
-    results, lines = {}, ["| checkpoint | block | guidance | val CIDEr-D | val BLEU-4 | distinct captions |",
+    results, lines = {}, [f"| checkpoint | block | guidance | {args.split} CIDEr-D | {args.split} BLEU-4 | distinct captions |",
                           "|---|---:|---:|---:|---:|---:|"]
     for path in args.checkpoints.split(","):
         model, tokenizer, config, _ = checkpoint.load(Path(path), stages=["clean"])
-        val = load_split(replace(config.data, val_images=args.val_images), config.model.image_size, "val")
+        data = load_split(replace(config.data, val_images=args.val_images), config.model.image_size, args.split)
         for block in blocks:
             if block and config.model.response_len % block:
                 raise DispError(f"--blocks {block} does not divide {path}'s response length {config.model.response_len}")
             for w in scales:
-                r = caption_quality(model, tokenizer, val, config.train.precision, block, w)
-                results[f"{path} block={block} guidance={w}"] = r
+                r = caption_quality(model, tokenizer, data, config.train.precision, block, w)
+                results[f"{path} {args.split} block={block} guidance={w}"] = r
                 lines.append(f"| {path} | {block or 'all'} | {w} | {r['cider']:.3f} | {r['bleu4']:.3f} | "
                              f"{r['distinct_captions']} |")
                 print(lines[-1], flush=True)
