@@ -114,8 +114,8 @@ def denoising_trace(model, tokenizer, dataset, index: int, *, vision_mask=None, 
                                  paint=vision_mask[None].to(device) if paint and vision_mask is not None else None)
     ids, (step, confidence) = generate(
         model, None, encoded.prompt_ids[index:index + 1].to(device), gen_length=cfg.response_len,
-        steps=cfg.response_len, block_length=cfg.gen_block, vision_tokens=vision, return_trace=True, guidance=cfg.guidance,
-        vision_mask=vision_mask[None].to(device) if vision_mask is not None else None)
+        steps=cfg.response_len, block_length=cfg.gen_block, vision_tokens=vision, return_trace=True,
+        vision_mask=vision_mask[None].to(device) if vision_mask is not None else None, guidance=cfg.guidance)
     ids = ids[0].tolist()
     end = ids.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in ids else len(ids)
     return {"tokens": [tokenizer.words[i] for i in ids[:end]], "step": step[0, :end].tolist(),

@@ -5,7 +5,8 @@
 
 For each clean.pt (a caption model: Flickr8k, COCO, ...) and each setting, greedy low-confidence
 decoding of the captions of --val-images images of the val split (this is where a setting is chosen;
-`--split test` then checks the chosen one on the test images, as evaluate.py scores them), scored by CIDEr-D, BLEU-4 and the number of distinct captions.
+`--split test` then checks the chosen one on the test images, as evaluate.py scores them), scored
+by CIDEr-D, BLEU-4 and the number of distinct captions.
     block     LLaDA's semi-autoregressive decoding: the response is written this many tokens at a
               time, left to right, each block by confidence (0: one block, the whole response);
               train.py's --block-length stores the choice in clean.pt
