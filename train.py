@@ -21,7 +21,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-
 from disp.config import TINY_NOTE, VISION_OBJECTIVES, Config, data_summary, fit_to_data, get_preset
 from disp.data.batching import encode_dataset
 from disp.data.splits import SOURCES, load_splits

@@ -81,7 +81,7 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
     guidance: classifier-free guidance on the image (DDCap): the log-probabilities with the image plus
     `guidance` times their difference from those with every image position [MASK]. 0: none; each
     step then costs two response passes.
-    return_steps: also return the number of model calls made.
+    return_steps: also return the number of denoising steps made (one response pass each; two with guidance).
     return_trace: also return (step, confidence), each (B, gen_length): the model call (0-based) at
     which each position was committed and the probability the model gave the committed token then.
     """
