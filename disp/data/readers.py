@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
-from torchvision.transforms.v2 import functional as TF
 
 from disp.data.dataset import CAPTION_PROMPT, VLDataset, check_not_empty
 from disp.data.tokenizer import normalize_text
@@ -137,6 +135,9 @@ def _top_list(doc, key: str, path: Path):
 
 def _load_image(path: Path, image_size: int) -> torch.Tensor:
     """Decode any jpeg/png/webp/gif as RGB uint8 (3, image_size, image_size)."""
+    # imported here: torchvision takes seconds to import, and most runs (the scenes) read no photo
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    from torchvision.transforms.v2 import functional as TF
     try:
         data = read_file(str(path))
     except RuntimeError as err:
