@@ -94,5 +94,12 @@ def tiny_pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def other_tiny_pipeline(tmp_path_factory):
-    """A second tiny run, seed 1: its files stand for "files from another run"."""
-    return run_pipeline(tmp_path_factory.mktemp("pipeline-seed1") / "run", seed=1)
+    """A second tiny run, seed 1: its files stand for "files from another run" (only the stages whose
+    files the tests borrow: no self-distill control, no evaluation)."""
+    run_dir = tmp_path_factory.mktemp("pipeline-seed1") / "run"
+    for argv in (["train.py", "--preset", "tiny", "--seed", "1"], ["attack.py"], ["purify.py"],
+                 ["purify.py", "--control", "as-is"]):
+        result = subprocess.run([sys.executable, *argv, "--run-dir", str(run_dir)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

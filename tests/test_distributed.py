@@ -17,6 +17,7 @@ import torch
 from disp.support import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # three torchrun stages, about 45 s: run with DISP_SLOW=1 (.ci/run does)
 
 
 def torchrun(script, *args):

@@ -111,6 +111,7 @@ def test_compare_and_aggregate_tables(tiny_pipeline, tmp_path, mode, out_name, h
         assert "control: regenerate without masking + refine" in table and "control: refine on the poisoned" in table
 
 
+@pytest.mark.slow  # about 30-40 s of stages: run with DISP_SLOW=1 (.ci/run does)
 def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_path):
     """experiments/disp_grid.py: one cell (attack.py), three defences (purify.py; the first regenerating only
     the masked samples, the second with the paper's ratio rule, the third with suppression and the spectral
@@ -194,6 +195,7 @@ def test_attack_takes_its_epochs_from_the_clean_run(tiny_pipeline, tmp_path):
     assert metrics["attack"]["backdoor"]["patch_pattern"] == "solid"  # the scenes' black square
 
 
+@pytest.mark.slow  # about 30-40 s of stages: run with DISP_SLOW=1 (.ci/run does)
 def test_attack_grid_runs_the_chosen_cells_and_tables_all_that_exist(tiny_pipeline, tmp_path):
     grid = tmp_path / "grid"
 
