@@ -102,47 +102,49 @@ def generate(model, images, prompt_ids, *, gen_length, steps, block_length, temp
         blind_cache = model.prefix(vision_tokens, prompt_ids, no_image)
     B = prompt_ids.shape[0]
     x = torch.full((B, gen_length), model.mask_id, dtype=torch.long, device=prompt_ids.device)
-    positions = torch.arange(gen_length, device=x.device)
+    in_block = torch.arange(block_length, device=x.device)
     calls = 0
     committed_at = torch.full(x.shape, -1, dtype=torch.long, device=x.device)
     confidence_at = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     for block in range(num_blocks):
-        in_block = (positions >= block * block_length) & (positions < (block + 1) * block_length)
-        schedule = num_transfer_tokens((x == model.mask_id) & in_block, steps_per_block)
+        # Only the current block's positions can be committed, so only their logits are computed
+        # (the vocabulary projection and softmax of the other positions would be thrown away).
+        cols = slice(block * block_length, (block + 1) * block_length)
+        schedule = num_transfer_tokens(x[:, cols] == model.mask_id, steps_per_block)
         step = 0
         while True:
-            mask_index = x == model.mask_id
+            mask_index = x[:, cols] == model.mask_id  # (B, block_length)
             if threshold is None and step == steps_per_block:
                 break
-            if threshold is not None and not (mask_index & in_block).any():
+            if threshold is not None and not mask_index.any():
                 break
-            logits = model.decode(cache, x)  # (B, L, V)
+            logits = model.decode(cache, x, rows=cols)  # (B, block_length, V)
             if guidance:
                 with_image = F.log_softmax(logits.double(), -1)
-                logits = with_image + guidance * (with_image - F.log_softmax(model.decode(blind_cache, x).double(), -1))
+                blind = F.log_softmax(model.decode(blind_cache, x, rows=cols).double(), -1)
+                logits = with_image + guidance * (with_image - blind)
             if banned is not None:
                 logits = logits.masked_fill(banned, float("-inf"))
             calls += 1
-            x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)  # (B, L)
+            x0 = add_gumbel_noise(logits, temperature, generator).argmax(dim=-1)  # (B, block_length)
             if remasking == "low_confidence":
                 probs = F.softmax(logits.double(), dim=-1)
                 confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
             else:
                 confidence = torch.rand(x0.shape, dtype=torch.float64, generator=generator, device=x0.device)
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index & in_block, confidence, -torch.inf)
+            confidence = torch.where(mask_index, confidence, -torch.inf)
 
             # Vectorised top-k with a different k per row: rank every position by confidence.
             order = confidence.argsort(dim=1, descending=True, stable=True)
             rank = torch.empty_like(order)
-            rank.scatter_(1, order, positions.expand(B, -1))
+            rank.scatter_(1, order, in_block.expand(B, -1))
             if threshold is None:
                 commit = rank < schedule[:, step:step + 1]
             else:
                 commit = ((confidence > threshold) | (rank == 0)) & (confidence > -torch.inf)
-            x = torch.where(commit, x0, x)
-            committed_at = torch.where(commit, calls - 1, committed_at)
-            confidence_at = torch.where(commit, confidence, confidence_at)
+            x[:, cols] = torch.where(commit, x0, x[:, cols])
+            committed_at[:, cols] = torch.where(commit, calls - 1, committed_at[:, cols])
+            confidence_at[:, cols] = torch.where(commit, confidence, confidence_at[:, cols])
             step += 1
     extra = ((calls,) if return_steps else ()) + (((committed_at, confidence_at),) if return_trace else ())
     return (x, *extra) if extra else x

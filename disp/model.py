@@ -244,16 +244,18 @@ class DiffusionVLM(nn.Module):
         # contiguous once here, not copied by every decode step's matmuls
         return [(k.contiguous(), v.contiguous()) for k, v in cache]
 
-    def decode(self, cache, response_ids, need_weights=False):
+    def decode(self, cache, response_ids, need_weights=False, rows=slice(None)):
         """Logits at the response positions, (B, response_len, vocab), given the prefix's cache.
 
         response_ids: (B, response_len), [MASK] where unknown. A cache of batch 1 serves any batch.
         need_weights: also return the last block's attention from the response rows, (B, heads, response_len, T)
+        rows: the response positions whose logits to return (a slice; all by default). Every position
+        still goes through the transformer; only the vocabulary projection is skipped for the others.
         """
         x = self.tok_embed(response_ids) + (self.pos_fixed + self.pos_embed)[-self.cfg.response_len:]
         for block, context in zip(self.blocks, cache):
             x, _, weights = block(x, context, need_weights)
-        logits = self.lm_head(self.ln(x))
+        logits = self.lm_head(self.ln(x[:, rows]))
         return (logits, weights) if need_weights else logits
 
     def forward(self, vision_tokens, prompt_ids, response_ids, vision_mask=None, need_weights=False):

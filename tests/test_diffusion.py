@@ -24,18 +24,22 @@ def reference_generate(model, images, prompt_ids, gen_length, steps, block_lengt
                     for c in counts]
         for i in range(steps_per_block):
             mask_index = x == MASK
-            logits = model(model.encode_images(images), prompt_ids, x)  # full recompute
+            logits = model(model.encode_images(images), prompt_ids, x)[:, lo:hi]  # full recompute
+            # the random draws cover the current block only: no other position can be committed now
             if temperature > 0:
                 noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
-                x0 = (logits.double().exp() / (-torch.log(noise)) ** temperature).argmax(-1)
+                x0_block = (logits.double().exp() / (-torch.log(noise)) ** temperature).argmax(-1)
             else:
-                x0 = logits.argmax(-1)
+                x0_block = logits.argmax(-1)
             if remasking == "low_confidence":
                 p = F.softmax(logits.double(), dim=-1)
-                conf = torch.gather(p, -1, x0[..., None]).squeeze(-1)
+                conf_block = torch.gather(p, -1, x0_block[..., None]).squeeze(-1)
             else:
-                conf = torch.rand(x0.shape, dtype=torch.float64, generator=generator)
-            conf[:, hi:] = -float("inf")
+                conf_block = torch.rand(x0_block.shape, dtype=torch.float64, generator=generator)
+            x0 = x.clone()
+            x0[:, lo:hi] = x0_block
+            conf = torch.full(x.shape, -float("inf"), dtype=torch.float64)
+            conf[:, lo:hi] = conf_block
             x0 = torch.where(mask_index, x0, x)
             conf = torch.where(mask_index, conf, torch.tensor(-float("inf"), dtype=torch.float64))
             for b in range(B):
