@@ -6,7 +6,7 @@
 For each clean.pt (a caption model: Flickr8k, COCO, ...) and each setting, greedy low-confidence
 decoding of the captions of --val-images images of the val split (this is where a setting is chosen;
 `--split test` then checks the chosen one on the test images, as evaluate.py scores them), scored
-by CIDEr-D, BLEU-4 and the number of distinct captions.
+by CIDEr-D, BLEU-4 and the number of distinct captions, with the seconds the ViT and the sampler took.
     block     LLaDA's semi-autoregressive decoding: the response is written this many tokens at a
               time, left to right, each block by confidence (0: one block, the whole response);
               train.py's --block-length stores the choice in clean.pt
@@ -21,6 +21,7 @@ Writes --out (JSON) and prints a table.
 import argparse
 import json
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def caption_quality(model, tokenizer, data, precision, block_length: int, guidan
     encoded = encode_dataset(data, tokenizer, model.cfg)
     indices = [i for i, s in enumerate(data.samples) if s["task"] == "caption"]
     firsts, group = distinct_rows(encoded, indices)  # an image's captions share one prompt
-    out = []
+    out, start = [], time.perf_counter()
     with autocast("cpu", precision):
         vision, row = encode_images_once(model, data, encoded.image_index[firsts], "cpu")
         for s in range(0, len(firsts), batch_size):
@@ -49,8 +50,9 @@ def caption_quality(model, tokenizer, data, precision, block_length: int, guidan
             ids = generate(model, None, encoded.prompt_ids[firsts[s:s + batch_size]], gen_length=n, steps=n,
                            block_length=block_length or n, vision_tokens=vision[row[s:s + batch_size]], guidance=guidance)
             out += [tokenizer.decode(r) for r in ids]
+    seconds = time.perf_counter() - start  # the ViT and the sampler, not the scoring
     result = score(data, indices, [out[g] for g in group.tolist()])
-    return {k: result[k] for k in ("cider", "bleu4", "distinct_captions")}
+    return {**{k: result[k] for k in ("cider", "bleu4", "distinct_captions")}, "seconds": seconds}
 
 
 def numbers(text: str, kind, name: str) -> list:
@@ -74,8 +76,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     blocks, scales = numbers(args.blocks, int, "--blocks"), numbers(args.guidance, float, "--guidance")
     check_positive("--val-images", args.val_images)
-    results, lines = {}, [f"| checkpoint | block | guidance | {args.split} CIDEr-D | {args.split} BLEU-4 | distinct captions |",
-                          "|---|---:|---:|---:|---:|---:|"]
+    header = f"| checkpoint | block | guidance | {args.split} CIDEr-D | {args.split} BLEU-4 | distinct captions | seconds |"
+    results, lines = {}, [header, "|---|---:|---:|---:|---:|---:|---:|"]
     for path in args.checkpoints.split(","):
         model, tokenizer, config, _ = checkpoint.load(Path(path), stages=["clean"])
         data = load_split(replace(config.data, val_images=args.val_images), config.model.image_size, args.split)
@@ -86,7 +88,7 @@ def main(argv=None):
                 r = caption_quality(model, tokenizer, data, config.train.precision, block, w)
                 results[f"{path} {args.split} block={block} guidance={w}"] = r
                 lines.append(f"| {path} | {block or 'all'} | {w} | {r['cider']:.3f} | {r['bleu4']:.3f} | "
-                             f"{r['distinct_captions']} |")
+                             f"{r['distinct_captions']} | {r['seconds']:.1f} |")
                 print(lines[-1], flush=True)
     write_json(Path(args.out), results)
     print("\n".join(lines))
