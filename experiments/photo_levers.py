@@ -8,8 +8,8 @@ Levers (train.py flags; NAME=FLAGS adds one): base (the photo preset), contrasti
 pretrained to tell each image's bag of words from the batch's others, instead of or besides
 predicting it), crop (pretraining on random crops of >= 60% of the side), stem (a convolutional
 stem), vit (the ViT fine-tuned during SFT at a peak rate of 3e-4), oneblock (captions written in one
-block, as before the photo preset's block length of 4), guided (guidance 0.3 on the image at every
-generation), imagefree (10% of the SFT samples image-free, guidance 0.6). For each: train.py --data
+block, as before the photo preset's block length of 4), unguided (no guidance on the image, as before
+the preset's 0.3), imagefree (10% of the SFT samples image-free, guidance 0.6). For each: train.py --data
 flickr into GRID/NAME (skipped where clean.pt exists), then
     val    CIDEr-D, BLEU-4 and distinct captions on --val-images images of the val split (Flickr8k's
            dev images: not the clean model's, the attack's later)
@@ -39,7 +39,7 @@ from disp.support.runtime import autocast  # noqa: E402
 
 LEVERS = {"base": [], "contrastive": ["--vision-objective", "contrastive"], "both": ["--vision-objective", "both"],
           "crop": ["--vision-crop", "0.6"], "stem": ["--conv-stem", "1"], "vit": ["--sft-vit-lr", "3e-4"],
-          "oneblock": ["--block-length", "0"], "guided": ["--guidance", "0.3"],
+          "oneblock": ["--block-length", "0"], "unguided": ["--guidance", "0"],
           "imagefree": ["--image-free", "0.1", "--guidance", "0.6"]}
 
 

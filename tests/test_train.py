@@ -207,9 +207,10 @@ def test_public_data_picks_the_photo_preset():
     assert new_config(parse_args([]), "cpu").preset == "cpu"
     daquar = new_config(parse_args(["--data", "daquar", "--data-root", "/somewhere"]), "cpu")
     assert daquar.preset == "daquar" and daquar.train.attack_epochs > public.train.attack_epochs
-    assert (replace(daquar.model, block_length=4), daquar.data.min_word_count) == \
-        (public.model, public.data.min_word_count)  # the same model; DAQUAR's short answers in one block
+    assert (replace(daquar.model, block_length=4, guidance=0.3), daquar.data.min_word_count) == \
+        (public.model, public.data.min_word_count)  # the same model; DAQUAR's short answers in one block, unguided
     assert (daquar.model.block_length, public.model.block_length) == (0, 4)
+    assert (daquar.model.guidance, public.model.guidance) == (0.0, 0.3)
     assert new_config(parse_args(["--preset", "tiny", "--data", "flickr"]), "cpu").preset == "tiny"
 
 
