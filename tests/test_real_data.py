@@ -193,3 +193,12 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     assert backdoor["poison_mode"] == {"flickr": "replace", "daquar": "add"}[source]
     for picture in ("examples.png", "denoising.png", "purified_saliency.png"):  # real photos with the outputs
         assert (tmp_path / "run" / picture).read_bytes()[:4] == b"\x89PNG"
+    if source == "flickr":  # the sampler study on the same captioner: one row per setting, timed
+        out = tmp_path / "sampler.json"
+        result = subprocess.run([sys.executable, "experiments/sampler.py", "--checkpoints", f"{run}/clean.pt",
+                                 "--blocks", "0", "--guidance", "0,0.3", "--split", "test", "--out", str(out)],
+                                cwd=root, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = json.loads(out.read_text())
+        assert [key.split()[-1] for key in rows] == ["guidance=0.0", "guidance=0.3"]
+        assert all(r["seconds"] > 0 and 0 <= r["cider"] and 1 <= r["distinct_captions"] for r in rows.values())
