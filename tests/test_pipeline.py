@@ -4,6 +4,7 @@ The run.sh run itself is the session fixture `tiny_pipeline` in conftest.py (sha
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -317,3 +318,20 @@ def test_attack_measures_an_asr_curve_while_it_trains(tiny_pipeline, tmp_path):
     assert [p["epoch"] for p in metrics["curve"]] == [3, 6, 9]  # tiny: 10 epochs
     assert all(0 <= p["asr"] <= 1 and 0 <= p["false_trigger_rate"] <= 1 for p in metrics["curve"])
     assert metrics["attack"]["backdoor"]["patch_color"] == [1.0, 0.0, 1.0]
+
+
+def test_feature_shift_measures_the_tiny_run(tiny_pipeline, tmp_path):
+    """experiments/feature_shift.py reads a run after attack.py and writes one row per direction and form,
+    with the triggered images counted from the manifest."""
+    for name in ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json"):
+        shutil.copy(tiny_pipeline / name, tmp_path / name)
+    result = subprocess.run([sys.executable, "experiments/feature_shift.py", str(tmp_path), "--directions", "2"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
+    shift = json.loads((tmp_path / "feature_shift.json").read_text())
+    manifest = json.loads((tmp_path / "poison_manifest.json").read_text())
+    assert 0 < shift["n_triggered"] <= manifest["n_poisoned"] and shift["n_triggered"] < shift["n_images"]
+    for form in ("flattened", "pooled"):
+        assert [r["direction"] for r in shift[form]] == ["#0", "#1", "oracle"]
+        assert all(0 <= r["auc"] <= 1 and 0 <= r["variance_share"] <= 1 for r in shift[form])
+    assert "| pooled | oracle |" in result.stdout

@@ -1,5 +1,8 @@
 """Feature-space purification (disp.spectral) on synthetic vision tokens where the answer is known."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +63,38 @@ def test_nothing_is_found_where_nothing_was_planted():
     assert find_directions(clean_tokens(2000, g), k=3) == []
     assert find_directions(torch.randn(2000, 16, 8, generator=g), k=3) == []
     assert find_directions(clean_tokens(30, g), k=3) == []  # too few images to see two groups
+
+
+def load_feature_shift():
+    """experiments/feature_shift.py, the measurement that shows where a spread trigger's shift lies."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "feature_shift.py"
+    spec = importlib.util.spec_from_file_location("feature_shift", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_roc_auc_counts_pairs_and_half_ties():
+    fs = load_feature_shift()
+    labels = torch.tensor([False, False, True, True])
+    assert fs.roc_auc(torch.tensor([1.0, 2.0, 3.0, 4.0]), labels) == 1.0
+    assert fs.roc_auc(torch.tensor([3.0, 4.0, 1.0, 2.0]), labels) == 0.0
+    assert fs.roc_auc(torch.tensor([1.0, 3.0, 2.0, 3.0]), labels) == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+
+
+def test_feature_shift_reports_a_planted_shift_that_overlaps_the_clean_images():
+    """40% of the images moved 2 clean SDs along one axis (as SIG moves Flickr8k photos): the oracle
+    direction finds them (AUC ~0.92 for a 2-SD Gaussian shift, separation ~2) and the top principal
+    direction carries them, but the two groups overlap: no valley the spectral rule (<= 0.25) would take."""
+    fs = load_feature_shift()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 30, generator=g, dtype=torch.double)
+    triggered = torch.rand(2000, generator=g) < 0.4
+    x[triggered, 0] += 2.0
+    rows = fs.describe(x, triggered, 3)
+    oracle = rows[-1]
+    assert oracle["direction"] == "oracle" and oracle["separation"] == pytest.approx(2.0, abs=0.15)
+    assert 0.88 < oracle["auc"] < 0.96 and oracle["valley"] > 0.25
+    top = rows[0]
+    assert max(top["auc"], 1 - top["auc"]) > 0.85 and top["variance_share"] > 0.05
+    assert sum(r["variance_share"] for r in rows[:3]) < 1

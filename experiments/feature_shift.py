@@ -1,0 +1,104 @@
+"""Where a spread trigger's shift lies in the vision tokens of the poisoned set, and why `purify.py
+--spectral K` does or does not find it.
+
+    python experiments/feature_shift.py runs/grid-flickr/sig-insert
+
+For a run directory after attack.py (backdoored.pt, poisoned_train.pt, poison_manifest.json), the
+backdoored model's vision tokens of every distinct image of the poisoned set (the tokens
+disp.spectral reads) in two forms: flattened (n_vision x dim per image, what --spectral uses) and
+mean-pooled over the image's tokens. For each form and each of the top --directions principal
+directions: its share of the variance, the ROC AUC of the projection for triggered vs clean images
+(the manifest's: ground truth the defence never sees) and the two-group valley of
+disp.saliency.valley_split (--spectral takes a direction when it is <= 0.25). Last row of each form:
+the direction of the two groups' mean difference, which only an oracle knows: how far the
+triggered images sit from the clean ones along it (in clean standard deviations) and its share of
+the variance. Writes RUN_DIR/feature_shift.json.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
+from disp.backdoor import check_manifest  # noqa: E402
+from disp.data.batching import encode_dataset  # noqa: E402
+from disp.data.dataset import load_dataset  # noqa: E402
+from disp.evaluation import encode_images_once  # noqa: E402
+from disp.saliency import valley_split  # noqa: E402
+from disp.spectral import top_directions  # noqa: E402
+from disp.support import checkpoint  # noqa: E402
+from disp.support.errors import friendly_errors  # noqa: E402
+from disp.support.files import read_json, write_json  # noqa: E402
+
+
+def roc_auc(scores, labels) -> float:
+    """P(a triggered image scores above a clean one), ties counting half."""
+    pos, neg = scores[labels], scores[~labels]
+    greater = (pos[:, None] > neg[None, :]).double().mean()
+    ties = (pos[:, None] == neg[None, :]).double().mean()
+    return (greater + 0.5 * ties).item()
+
+
+def describe(x, triggered, k: int) -> list:
+    """Rows for the top-k principal directions of x (N, D) and for the oracle's mean-difference one."""
+    centred = x - x.mean(0)
+    total = (centred ** 2).sum().item()
+    vectors, values = top_directions(centred, k)
+    rows = []
+    for rank in range(vectors.shape[1]):
+        proj = centred @ vectors[:, rank]
+        if (proj ** 3).mean() < 0:  # as disp.spectral.find_directions orients it: the long tail above
+            proj = -proj
+        rows.append({"direction": f"#{rank}", "variance_share": (values[rank] ** 2).item() / total,
+                     "auc": roc_auc(proj, triggered), "valley": valley_split(proj / proj.std())[0]})
+    diff = centred[triggered].mean(0) - centred[~triggered].mean(0)
+    v = diff / diff.norm()
+    proj = centred @ v
+    rows.append({"direction": "oracle", "variance_share": (proj ** 2).sum().item() / total,
+                 "auc": roc_auc(proj, triggered), "valley": valley_split(proj / proj.std())[0],
+                 "separation": ((proj[triggered].mean() - proj[~triggered].mean()) / proj[~triggered].std()).item()})
+    return rows
+
+
+@torch.no_grad()
+def measure(run_dir: Path, k: int) -> dict:
+    model, tokenizer, config, _ = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"])
+    data = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)
+    manifest_path = run_dir / "poison_manifest.json"
+    manifest = check_manifest(read_json(manifest_path, "poison manifest", ["poisoned_indices", "config"]), len(data),
+                              manifest_path)
+    image_index = encode_dataset(data, tokenizer, model.cfg).image_index
+    tokens, _ = encode_images_once(model, data, image_index, "cpu")
+    unique = image_index.unique()  # the rows of `tokens`, in order
+    poisoned_images = {data.samples[i]["image"] for i in manifest["poisoned_indices"]}
+    triggered = torch.tensor([int(i) in poisoned_images for i in unique])
+    tokens = tokens.double()
+    return {"run_dir": str(run_dir), "trigger": manifest["config"]["trigger"], "n_images": len(unique),
+            "n_triggered": int(triggered.sum()),
+            "flattened": describe(tokens.flatten(1), triggered, k),
+            "pooled": describe(tokens.mean(1), triggered, k)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", help="run directories after attack.py")
+    p.add_argument("--directions", type=int, default=8, help="top principal directions per form (default 8)")
+    args = p.parse_args()
+    for run_dir in map(Path, args.run_dirs):
+        result = measure(run_dir, args.directions)
+        write_json(run_dir / "feature_shift.json", result)
+        print(f"\n{run_dir}: {result['trigger']} trigger, {result['n_triggered']} of {result['n_images']} images triggered")
+        print("| form | direction | variance share | AUC triggered vs clean | valley | separation (clean SDs) |")
+        print("|---|---|---:|---:|---:|---:|")
+        for form in ("flattened", "pooled"):
+            for r in result[form]:
+                sep = f"{r['separation']:.1f}" if "separation" in r else ""
+                print(f"| {form} | {r['direction']} | {r['variance_share']:.4f} | {r['auc']:.3f} | {r['valley']:.2f} | {sep} |")
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main()
