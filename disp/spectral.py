@@ -48,6 +48,12 @@ def top_directions(x, k: int, iters: int = 8, seed: int = 0):
     return (q @ vh.T)[:, :k], s[:k]
 
 
+def tail_sign(proj) -> float:
+    """-1 if the projections' long tail (their skew) points down, else 1: a minority sits on the long
+    tail's side, and multiplying by this puts it above."""
+    return -1.0 if (proj ** 3).mean() < 0 else 1.0
+
+
 def find_directions(tokens, k: int = 3, max_valley: float = 0.25, seed: int = 0) -> list:
     """Directions among the top k of the images' centred vision tokens along which a minority forms
     its own group. tokens: (N_images, n_vision, dim). -> [Direction], possibly empty."""
@@ -58,8 +64,8 @@ def find_directions(tokens, k: int = 3, max_valley: float = 0.25, seed: int = 0)
     for rank in range(vectors.shape[1]):
         v = vectors[:, rank]
         proj = centred @ v  # mean 0
-        if (proj ** 3).mean() < 0:  # a minority sits on the long tail's side: put it above
-            v, proj = -v, -proj
+        sign = tail_sign(proj)
+        v, proj = sign * v, sign * proj
         scale = proj.std().clamp_min(1e-12)  # the rule's fit works in units of the spread
         valley, threshold = valley_split(proj / scale)
         if valley > max_valley:

@@ -5,7 +5,7 @@
 
 For a run directory after attack.py (backdoored.pt, poisoned_train.pt, poison_manifest.json), the
 backdoored model's vision tokens of every distinct image of the poisoned set (the tokens
-disp.spectral reads) in two forms: flattened (n_vision x dim per image, what --spectral uses) and
+disp.spectral reads, here computed in fp32 on the CPU) in two forms: flattened (n_vision x dim per image, what --spectral uses) and
 mean-pooled over the image's tokens. For each form and each of the top --directions principal
 directions: its share of the variance, the ROC AUC of the projection for triggered vs clean images
 (the manifest's: ground truth the defence never sees) and the two-group valley of
@@ -28,9 +28,9 @@ from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
 from disp.evaluation import encode_images_once  # noqa: E402
 from disp.saliency import valley_split  # noqa: E402
-from disp.spectral import top_directions  # noqa: E402
+from disp.spectral import tail_sign, top_directions  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
-from disp.support.errors import friendly_errors  # noqa: E402
+from disp.support.errors import check_positive, friendly_errors  # noqa: E402
 from disp.support.files import read_json, write_json  # noqa: E402
 
 
@@ -50,8 +50,7 @@ def describe(x, triggered, k: int) -> list:
     rows = []
     for rank in range(vectors.shape[1]):
         proj = centred @ vectors[:, rank]
-        if (proj ** 3).mean() < 0:  # as disp.spectral.find_directions orients it: the long tail above
-            proj = -proj
+        proj = tail_sign(proj) * proj  # oriented as disp.spectral.find_directions does
         rows.append({"direction": f"#{rank}", "variance_share": (values[rank] ** 2).item() / total,
                      "auc": roc_auc(proj, triggered), "valley": valley_split(proj / proj.std())[0]})
     diff = centred[triggered].mean(0) - centred[~triggered].mean(0)
@@ -87,6 +86,7 @@ def main():
     p.add_argument("run_dirs", nargs="+", help="run directories after attack.py")
     p.add_argument("--directions", type=int, default=8, help="top principal directions per form (default 8)")
     args = p.parse_args()
+    check_positive("--directions", args.directions)
     for run_dir in map(Path, args.run_dirs):
         result = measure(run_dir, args.directions)
         write_json(run_dir / "feature_shift.json", result)

@@ -335,3 +335,6 @@ def test_feature_shift_measures_the_tiny_run(tiny_pipeline, tmp_path):
         assert [r["direction"] for r in shift[form]] == ["#0", "#1", "oracle"]
         assert all(0 <= r["auc"] <= 1 and 0 <= r["variance_share"] <= 1 for r in shift[form])
     assert "| pooled | oracle |" in result.stdout
+    bad = subprocess.run([sys.executable, "experiments/feature_shift.py", str(tmp_path), "--directions", "0"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --directions must be > 0, got 0"
