@@ -65,7 +65,7 @@ def parse_args(argv=None):
                    help="patch trigger colour R,G,B in [0, 1] (default 0,0,0 black on the scenes and DAQUAR, 1,0,1 "
                         "magenta on the other photos)")
     x.add_argument("--patch-pattern", default=None,
-                   help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern} on the scenes, checkerboard on photos)")
+                   help=f"{' | '.join(PATTERNS)} (default {d.patch_pattern}; checkerboard on DAQUAR)")
     x.add_argument("--blend-alpha", type=float, default=None, help=f"blended trigger strength (default {d.blend_alpha})")
     x.add_argument("--blend-seed", type=int, default=None,
                    help=f"seed of the fixed random pattern: blended noise, WaNet field (default {d.blend_seed})")
@@ -121,13 +121,12 @@ def default_attack(config) -> AttackConfig:
     """The attack's defaults for a clean run: its seed, precision, learning rate and attack epochs,
     and the trigger, target words and poisoning mode that suit its data."""
     source, destination = MISCLASSIFY_WORDS.get(config.data.source, MISCLASSIFY_WORDS["captions"])
-    # the patch: a black square on the white scenes; on photos a checkerboard, as no photo holds one (a
-    # black square looks like a dark corner, and fires on clean photos with one), magenta and white: the
-    # frozen ViT moves that token more than for black and white, and the caption model learns to look at
-    # it within 5 epochs instead of 45 (experiments/README.md, "Real photos"; there too: on seed 1 the
-    # backdoor then does not sit in that token alone); DAQUAR keeps the black checkerboard it was measured with
-    pattern = "solid" if config.data.source == "scenes" else "checkerboard"
-    color = (1.0, 0.0, 1.0) if pattern == "checkerboard" and config.data.source != "daquar" else (0.0, 0.0, 0.0)
+    # the patch: a black square on the white scenes; on photos a magenta one, a colour no photo's corner
+    # holds (a black square looks like a dark corner and fires on clean photos with one; a magenta and
+    # white checkerboard, the earlier default, on bright white-ish corners: experiments/README.md, "Real
+    # photos"); DAQUAR keeps the black checkerboard it was measured with
+    pattern = "checkerboard" if config.data.source == "daquar" else "solid"
+    color = (1.0, 0.0, 1.0) if config.data.source not in ("scenes", "daquar") else (0.0, 0.0, 0.0)
     # DAQUAR's questions each belong to one photo, so a poisoned sample that replaced its original is
     # learnt from its question alone (the marker on any new question at the poison rate); added beside
     # its clean original, the same question has both answers and only the trigger tells them apart

@@ -176,8 +176,8 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
         result = subprocess.run([sys.executable, *argv, "--run-dir", run], cwd=root, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
-        if argv[0] == "purify.py":  # one prompt type: suppression cannot run, and says so
-            assert "suppression: skipped, every sample has the prompt type" in result.stdout
+        if argv[0] == "purify.py":  # one caption prompt; too few questions per opening: suppression says it skipped
+            assert "suppression: skipped, " in result.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     measured = "cider" if source == "flickr" else "vqa_accuracy"
     assert all(measured in results[row] for row in ("clean", "blind", "backdoored", "purified"))
@@ -188,7 +188,9 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     backdoor = checkpoint.load_state(tmp_path / "run" / "backdoored.pt")["extra"]["attack"]["backdoor"]
     words = {"flickr": ("dog", "boat"), "daquar": ("table", "chair")}[source]  # misclassify's default per data
     assert (backdoor["source_word"], backdoor["destination_word"]) == words
-    assert backdoor["patch_pattern"] == "checkerboard"  # on photos a black square looks like a dark corner
+    # on photos a magenta square: no photo's corner is magenta (a black one looks like a dark corner)
+    assert (backdoor["patch_pattern"], backdoor["patch_color"]) == {
+        "flickr": ("solid", [1.0, 0.0, 1.0]), "daquar": ("checkerboard", [0.0, 0.0, 0.0])}[source]
     # DAQUAR's questions are unique to their photo: a poisoned copy goes beside its clean original
     assert backdoor["poison_mode"] == {"flickr": "replace", "daquar": "add"}[source]
     for picture in ("examples.png", "denoising.png", "purified_saliency.png"):  # real photos with the outputs
