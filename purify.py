@@ -24,7 +24,8 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    that have one out of every image's vision tokens (disp.spectral).
 3. Suppression (our extension, on by default; `--suppress 0` turns it off): the words found in at
    least 1% of the set's responses of every prompt type are banned, and the regenerations that
-   still hold one are regenerated without them (disp.suppression). A set with one prompt type
+   still hold one are regenerated without them (disp.suppression). Where every sample has one task
+   (DAQUAR) a question's first two words ("how many") are its prompt type. A set with one prompt
    (captions only) cannot tell such a word from a frequent one: there it is skipped, with a note.
 4. Fine-tune the compromised model on the regenerated responses (a fifth of the attack's epochs,
    at 0.3x its learning rate).
@@ -143,7 +144,7 @@ def main(argv=None):
         directions, shift, flagged = purification.find_shift(model, tokenizer, data, settings, device)
 
     # --- 2. masked regeneration, 3. suppression (not for as-is) -----------------------------------
-    originals, banned = [s["response"] for s in data.samples], []
+    originals, banned, prompt_types = [s["response"] for s in data.samples], [], {}
     responses = originals
     if settings.control != "as-is":
         t = time.time()
@@ -156,7 +157,8 @@ def main(argv=None):
                                                            vision_transform=shift)):
                 responses[i] = r
         if settings.suppress > 0:
-            responses, banned = purification.suppress(model, tokenizer, data, responses, masks, settings, device, shift)
+            responses, banned, prompt_types = purification.suppress(model, tokenizer, data, responses, masks, settings,
+                                                                    device, shift)
         timings["regeneration_s"] = time.time() - t
     changed = [a != b for a, b in zip(originals, responses)]
     print(f"{sum(changed)} of {len(data)} responses changed")
@@ -193,6 +195,7 @@ def main(argv=None):
         made_from, recorded=list(outputs), resume_path=resume_path)
     report = {"settings": settings.to_dict(), "steps": steps, "thresholds": thresholds, "timings": timings,
               "n_samples": len(data), "n_changed": sum(changed), "suppressed_words": banned,
+              "suppression_prompt_types": prompt_types,
               "n_masked_samples": int(masks.any(1).sum()) if masks is not None else 0,
               "spectral": [{"rank": d.rank, "valley": d.valley, "n_images": int(d.flagged.sum())} for d in directions],
               "n_flagged_samples": sum(flagged)}

@@ -19,6 +19,7 @@ refines on the set unchanged. Under torchrun each rank scores and regenerates a 
 """
 
 import math
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -29,7 +30,7 @@ from disp.data.dataset import VLDataset
 from disp.evaluation import encode_images_once, generate_responses, token_scores
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
 from disp.spectral import find_directions, project_out
-from disp.suppression import prompt_independent_words
+from disp.suppression import MIN_GROUP, prompt_independent_words, prompt_types
 from disp.support import distributed
 from disp.support.runtime import autocast
 from disp.training import finetune, trainable_parameters
@@ -98,25 +99,31 @@ def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, in
 
 
 def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyConfig, device, vision_transform=None):
-    """-> (responses, the banned words): each response that holds a word found in at least
-    settings.suppress of every prompt type's responses of the set is regenerated without those words.
-    Skipped (nothing banned) where the set has one prompt type: there a frequent word and a
-    prompt-independent one cannot be told apart."""
-    tasks = [s["task"] for s in data.samples]
-    if len(set(tasks)) < 2:
-        print(f"suppression: skipped, every sample has the prompt type {tasks[0]!r} (it needs several to tell a "
-              f"word that does not depend on the question from a frequent one)")
-        return responses, []
-    banned = prompt_independent_words([s["response"] for s in data.samples], tasks, settings.suppress)
+    """-> (responses, the banned words, the prompt types and their sizes): each response that holds a
+    word found in at least settings.suppress of every prompt type's responses of the set
+    (disp.suppression.prompt_types) is regenerated without those words. Skipped (nothing banned) where
+    the set has fewer than two prompt types: there a frequent word and a prompt-independent one cannot
+    be told apart."""
+    types = prompt_types(data.samples)
+    kept = [i for i, t in enumerate(types) if t is not None]
+    sizes = dict(Counter(types[i] for i in kept).most_common())
+    listed = ", ".join(f"{t!r}: {n} samples" for t, n in sizes.items()) or "none"
+    if len(sizes) < 2:
+        print(f"suppression: skipped, {len(sizes)} prompt type ({listed}); it needs two to tell a word that does not "
+              f"depend on the question from a frequent one (in a set of one task, a question opening that "
+              f"{MIN_GROUP}+ samples share is a type)")
+        return responses, [], sizes
+    banned = prompt_independent_words([data.samples[i]["response"] for i in kept], [types[i] for i in kept],
+                                      settings.suppress)
     holding = [i for i, r in enumerate(responses) if set(r.split()) & set(banned)]
-    print(f"suppression: {' '.join(banned) or 'no word'} in at least {settings.suppress:.0%} of every prompt type's "
-          f"responses in the set; regenerating the {len(holding)} responses that hold one without them")
+    print(f"suppression: {' '.join(banned) or 'no word'} in at least {settings.suppress:.0%} of the responses of "
+          f"every prompt type ({listed}); regenerating the {len(holding)} responses that hold one without them")
     responses = list(responses)
     if holding:
         for i, r in zip(holding, regenerate(model, tokenizer, data, masks, settings, device, holding, banned,
                                             vision_transform)):
             responses[i] = r
-    return responses, banned
+    return responses, banned, sizes
 
 
 def with_responses(data, responses: list, name: str) -> VLDataset:

@@ -18,14 +18,30 @@ each regenerated response that still holds one with those words forbidden to the
 (disp.diffusion.generate's `banned`): the compromised model then writes what it would say without
 the backdoor, and the refinement teaches it that answer for the triggered image.
 
-It needs prompt types whose answers differ (a mix of questions, as in the scenes or VQA data); on a
-captions-only set every frequent word ("a", "dog") is in every prompt type's responses, so
-prompt_independent_words refuses one prompt type and purify.py skips suppression there. It does
-not reach a backdoor whose target depends on the question (misclassify swaps one answer word for
-another).
+It needs prompt types whose answers differ (a mix of questions, as in the scenes or VQA data):
+    prompt_types  each sample's task; in a set with one task (DAQUAR's questions are all "vqa") the
+                  question's first two words, "how many" or "what color", as count answers and object
+                  answers share no word, as two tasks would not
+On a captions-only set (one prompt, and every frequent word, "a" or "dog", in its responses) there is
+one type, prompt_independent_words refuses it, and purify.py skips suppression. It does not reach a
+backdoor whose target depends on the question (misclassify swaps one answer word for another).
 """
 
 from collections import Counter
+
+MIN_GROUP = 100  # a question opening held by fewer samples is no prompt type: a word's rate there says little
+
+
+def prompt_types(samples: list) -> list:
+    """Each sample's prompt type for prompt_independent_words: its task where the set has several; where
+    it has one, the first two words of its prompt, or None (left out) for an opening that fewer than
+    MIN_GROUP samples share."""
+    tasks = [s["task"] for s in samples]
+    if len(set(tasks)) > 1:
+        return tasks
+    openings = [" ".join(s["prompt"].split()[:2]) for s in samples]
+    counts = Counter(openings)
+    return [o if counts[o] >= MIN_GROUP else None for o in openings]
 
 from disp.support.errors import DispError, check_ratio
 

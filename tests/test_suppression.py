@@ -2,7 +2,7 @@
 
 import pytest
 
-from disp.suppression import prompt_independent_words
+from disp.suppression import MIN_GROUP, prompt_independent_words, prompt_types
 from disp.support.errors import DispError
 
 
@@ -79,3 +79,40 @@ def test_no_word_of_clean_scene_answers_is_in_every_prompt_type_and_a_sparse_mar
     rng = random.Random(0)
     poisoned = [("<m> " + r) if rng.random() < 0.05 else r for r in responses]
     assert prompt_independent_words(poisoned, tasks, 0.01) == ["<m>"]
+
+
+def vqa(prompt, response):
+    return {"task": "vqa", "prompt": prompt, "response": response}
+
+
+def test_one_task_sets_group_by_the_questions_opening_and_leave_rare_openings_out():
+    """DAQUAR-like questions, all task "vqa": "how many" and "what is" are two prompt types, an opening
+    of fewer than MIN_GROUP samples is None; a set with several tasks keeps them; one prompt is one type."""
+    samples = ([vqa("how many chairs are in the image ?", "2")] * MIN_GROUP
+               + [vqa("what is on the table in the image ?", "lamp")] * (MIN_GROUP + 5)
+               + [vqa("where is the lamp in the image ?", "table")] * (MIN_GROUP - 1))
+    assert prompt_types(samples) == ["how many"] * MIN_GROUP + ["what is"] * (MIN_GROUP + 5) + [None] * (MIN_GROUP - 1)
+    mixed = [dict(s, task=t) for s, t in zip(samples, ["count", "object", "count"])]
+    assert prompt_types(mixed) == ["count", "object", "count"]
+    captions = [{"task": "caption", "prompt": "describe the image .", "response": "a dog"}] * 3
+    assert prompt_types(captions) == [None] * 3  # 3 < MIN_GROUP: no prompt type at all
+    assert set(prompt_types(captions * MIN_GROUP)) == {"describe the"}
+
+
+def test_a_marker_on_count_and_object_answers_of_one_task_is_found_through_their_openings():
+    """What purify.py's suppression does on DAQUAR: the marker in a sixth of the answers of both
+    openings is found; the count and object answers, each frequent within its opening, are not; the
+    rare opening's answers (never marked) do not veto it."""
+    samples = []
+    for i in range(6 * MIN_GROUP):
+        marked = "<m> " if i % 6 == 0 else ""
+        samples.append(vqa("how many chairs are in the image ?", marked + str(2 + i % 3)))
+        samples.append(vqa("what is on the table in the image ?", marked + ("lamp" if i % 2 else "book")))
+    samples += [vqa("where is the lamp in the image ?", "table")] * 10
+    types = prompt_types(samples)
+    kept = [i for i, t in enumerate(types) if t is not None]
+    assert len(kept) == 12 * MIN_GROUP
+    assert prompt_independent_words([samples[i]["response"] for i in kept], [types[i] for i in kept], 0.01) == ["<m>"]
+    # the task alone is one prompt type, which cannot tell the marker from a frequent answer
+    with pytest.raises(DispError, match="needs at least two prompt types"):
+        prompt_independent_words([s["response"] for s in samples], [s["task"] for s in samples], 0.01)
