@@ -20,14 +20,16 @@ the backdoor, and the refinement teaches it that answer for the triggered image.
 
 It needs prompt types whose answers differ (a mix of questions, as in the scenes or VQA data):
     prompt_types  each sample's task; in a set with one task (DAQUAR's questions are all "vqa") the
-                  question's first two words, "how many" or "what color", as count answers and object
-                  answers share no word, as two tasks would not
+                  question's first two words, "how many" or "what color": count answers and object
+                  answers share no word, as the answers of two tasks do not
 On a captions-only set (one prompt, and every frequent word, "a" or "dog", in its responses) there is
 one type, prompt_independent_words refuses it, and purify.py skips suppression. It does not reach a
 backdoor whose target depends on the question (misclassify swaps one answer word for another).
 """
 
 from collections import Counter
+
+from disp.support.errors import DispError, check_ratio
 
 MIN_GROUP = 100  # a question opening held by fewer samples is no prompt type: a word's rate there says little
 
@@ -42,8 +44,6 @@ def prompt_types(samples: list) -> list:
     openings = [" ".join(s["prompt"].split()[:2]) for s in samples]
     counts = Counter(openings)
     return [o if counts[o] >= MIN_GROUP else None for o in openings]
-
-from disp.support.errors import DispError, check_ratio
 
 
 def prompt_independent_words(responses: list, tasks: list, min_rate: float) -> list:
