@@ -144,23 +144,12 @@ def main(argv=None):
         directions, shift, flagged = purification.find_shift(model, tokenizer, data, settings, device)
 
     # --- 2. masked regeneration, 3. suppression (not for as-is) -----------------------------------
-    originals, banned, prompt_types = [s["response"] for s in data.samples], [], {}
-    responses = originals
+    t = time.time()
+    responses, banned, prompt_types = purification.new_responses(model, tokenizer, data, masks, flagged, settings,
+                                                                  device, shift)
     if settings.control != "as-is":
-        t = time.time()
-        if settings.regenerate == "all":
-            responses = purification.regenerate(model, tokenizer, data, masks, settings, device, vision_transform=shift)
-        else:  # --regenerate masked: the samples with no masked position (nor flagged by --spectral) keep theirs
-            which = [i for i in range(len(data)) if masks[i].any() or flagged[i]]
-            responses = list(originals)
-            for i, r in zip(which, purification.regenerate(model, tokenizer, data, masks, settings, device, which,
-                                                           vision_transform=shift)):
-                responses[i] = r
-        if settings.suppress > 0:
-            responses, banned, prompt_types = purification.suppress(model, tokenizer, data, responses, masks, settings,
-                                                                    device, shift)
         timings["regeneration_s"] = time.time() - t
-    changed = [a != b for a, b in zip(originals, responses)]
+    changed = [s["response"] != r for s, r in zip(data.samples, responses)]
     print(f"{sum(changed)} of {len(data)} responses changed")
     purified = purification.with_responses(data, responses, name)
 
@@ -180,10 +169,7 @@ def main(argv=None):
 
     # --- the stage's files, one unit; the checkpoint records the data files' hashes --------------
     thresholds = {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}
-    rows = [{"index": i, "task": s["task"], "prompt": s["prompt"], "original": originals[i],
-             "regenerated": responses[i], "changed": changed[i], "flagged": flagged[i],
-             "masked_tokens": masks[i].nonzero().flatten().tolist() if masks is not None else []}
-            for i, s in enumerate(data.samples)]
+    rows = purification.records(data, responses, masks, flagged)
     outputs = {f"{name}_train.pt": lambda path: save_dataset(path, purified),
                f"{name}_train.jsonl": lambda path: files.save_text(path, "".join(json.dumps(r) + "\n" for r in rows))}
     if scores is not None:

@@ -98,6 +98,31 @@ def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, in
             indices)
 
 
+def new_responses(model, tokenizer, data, masks, flagged: list, settings: PurifyConfig, device, shift=None):
+    """Steps 2 and 3 -> (responses, the banned words, suppression's prompt types and their sizes):
+    every response regenerated with `masks` and `shift` (--regenerate masked: only the samples with a
+    masked position or flagged by --spectral; the others keep theirs), then suppressed; the control
+    as-is keeps the set's responses."""
+    responses = [s["response"] for s in data.samples]
+    if settings.control == "as-is":
+        return responses, [], {}
+    which = [i for i in range(len(data)) if settings.regenerate == "all" or masks[i].any() or flagged[i]]
+    for i, r in zip(which, regenerate(model, tokenizer, data, masks, settings, device, which, vision_transform=shift)):
+        responses[i] = r
+    if settings.suppress == 0:
+        return responses, [], {}
+    return suppress(model, tokenizer, data, responses, masks, settings, device, shift)
+
+
+def records(data, responses: list, masks, flagged: list) -> list:
+    """One row per sample for NAME_train.jsonl: prompt, original and regenerated response, what was
+    masked and flagged."""
+    return [{"index": i, "task": s["task"], "prompt": s["prompt"], "original": s["response"],
+             "regenerated": responses[i], "changed": s["response"] != responses[i], "flagged": flagged[i],
+             "masked_tokens": masks[i].nonzero().flatten().tolist() if masks is not None else []}
+            for i, s in enumerate(data.samples)]
+
+
 def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyConfig, device, vision_transform=None):
     """-> (responses, the banned words, the prompt types and their sizes): each response that holds a
     word found in at least settings.suppress of every prompt type's responses of the set
