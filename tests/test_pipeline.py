@@ -125,7 +125,8 @@ def test_purify_extensions_and_the_disp_grid_on_the_tiny_run(tiny_pipeline, tmp_
                              "--eval-samples", "8"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "(ratio rule, kl saliency, patch masking)" in result.stdout
-    assert "of every prompt type's responses in the set; regenerating the" in result.stdout
+    assert "of the responses of every prompt type ('caption': " in result.stdout  # the types, their sizes
+    assert "); regenerating the" in result.stdout
     cell = grid / "blended-refusal"
     report = json.loads((cell / "half" / "purified_report.json").read_text())
     assert report["settings"]["rule"] == "ratio" and report["settings"]["mask_ratio"] == 0.5
