@@ -16,7 +16,7 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    groups and it is in the higher one (disp.saliency.fit_thresholds).
 2. Mask them ([MASK] embedding at those image positions, chosen once per sample; their image patches
    are painted flat before the ViT too, `--masking token` masks the tokens alone) and let the
-   compromised model regenerate the response (greedy, steps = gen_length). Step 1's saliency masks
+   compromised model regenerate the response (its own sampler, steps = gen_length). Step 1's saliency masks
    the same way. `--regenerate masked` regenerates only the samples with a masked position (or
    flagged by `--spectral`).
    With `--spectral K` (our extension for spread triggers, off by default), also test the top K

@@ -63,6 +63,9 @@ def parse_args(argv=None):
     x.add_argument("--guidance", type=float, default=None,
                    help="the sampler's guidance on the image (0: none; default: the preset's). Stored in clean.pt; "
                         "the later stages use it")
+    x.add_argument("--temperature", type=float, default=None,
+                   help="the sampler's temperature (0: greedy; default: the preset's). Stored in clean.pt; the later "
+                        "stages use it")
     x.add_argument("--sft-vit-lr", type=float, default=None,
                    help="fine-tune the ViT during SFT at this peak learning rate (default: the preset's; 0: frozen)")
     x.add_argument("--image-free", type=float, default=None,
@@ -104,6 +107,9 @@ def new_config(args, device) -> Config:
     if args.guidance is not None:
         check_positive("--guidance", args.guidance, allow_zero=True)
         model = replace(model, guidance=args.guidance)
+    if args.temperature is not None:
+        check_positive("--temperature", args.temperature, allow_zero=True)
+        model = replace(model, temperature=args.temperature)
     return replace(config, data=data, model=model, train=train)
 
 
@@ -115,13 +121,14 @@ def resumed_config(args, resume: dict, path: Path) -> Config:
               "vision_steps": config.train.vision_steps, "vision_objective": config.train.vision_objective,
               "vision_crop": config.train.vision_crop, "conv_stem": int(config.model.conv_stem),
               "sft_vit_lr": config.train.sft_vit_lr, "block_length": config.model.block_length,
-              "guidance": config.model.guidance,
+              "guidance": config.model.guidance, "temperature": config.model.temperature,
               "vision_from": config.train.vision_from, "image_free": config.train.image_free}
     given = {"preset": args.preset if args.preset != "auto" else None, "seed": args.seed, "data": args.data,
              "data_root": str(Path(args.data_root).resolve()) if args.data_root else None,
              "sft_steps": args.sft_steps, "vision_steps": args.vision_steps, "vision_objective": args.vision_objective,
              "vision_crop": args.vision_crop, "conv_stem": args.conv_stem, "sft_vit_lr": args.sft_vit_lr,
              "block_length": args.block_length, "image_free": args.image_free, "guidance": args.guidance,
+             "temperature": args.temperature,
              "vision_from": str(Path(args.vision_from).resolve()) if args.vision_from else None}
     stage.check_same_flags(path, stored, given)
     return config

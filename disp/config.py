@@ -75,6 +75,11 @@ class ModelConfig:
     # classifier-free guidance on the image at every generation (disp.diffusion.generate; 0: none).
     # Pairs with TrainConfig.image_free, which teaches the model the image-free input it pushes from
     guidance: float = 0.0
+    # the sampler's temperature (disp.diffusion.generate; 0: greedy): each token drawn from the model's
+    # distribution sharpened by 1/temperature, with a fixed seed per generation call (reproducible). A
+    # little of it lets a captioner write the less likely of two good captions instead of the same
+    # generic one for similar photos (experiments/README.md, "Sampler")
+    temperature: float = 0.0
 
     @property
     def n_vision(self) -> int:
@@ -165,10 +170,11 @@ class Config:
 # public photos (Flickr8k, COCO, Flickr30k, DAQUAR) on a CPU: 64 px -> 8x8 = 64 vision tokens,
 # prompt/response lengths fitted to the data, rare words -> [UNK], a ViT pretrained without
 # labels (bag of words of the image's texts + patch-pixel reconstruction), captions written 4 tokens
-# at a time with guidance 0.3 on the image (on 3 seeds: experiments/README.md, "Sampler")
+# at a time with guidance 0.3 on the image and temperature 0.2 (on 3 seeds: experiments/README.md, "Sampler")
 PHOTO = Config(
     data=DataConfig(train_images=6000, val_images=100, test_images=1000, finetune_images=1000, min_word_count=5),
-    model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0, block_length=4, guidance=0.3),
+    model=ModelConfig(image_size=64, patch_size=8, prompt_len=0, response_len=0, block_length=4, guidance=0.3,
+                      temperature=0.2),
     train=TrainConfig(vision_steps=1500, pixel_loss=1.0, sft_steps=3000, eval_every=1000, eval_samples=100,
                       attack_epochs=20),
     preset="photo",
@@ -191,8 +197,8 @@ PRESETS = {
     "photo": PHOTO,
     # DAQUAR: the photo model; its fine-tuning set is small (13 batches an epoch with the attack's
     # added copies), so the one-token trigger needs many epochs to implant (experiments/README.md, "DAQUAR");
-    # its answers (1-3 words) are written in one block and without guidance, as they were measured
-    "daquar": replace(PHOTO, model=replace(PHOTO.model, block_length=0, guidance=0.0),
+    # its answers (1-3 words) are written greedily in one block without guidance, as they were measured
+    "daquar": replace(PHOTO, model=replace(PHOTO.model, block_length=0, guidance=0.0, temperature=0.0),
                       train=replace(PHOTO.train, attack_epochs=600), preset="daquar"),
     # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
     # vision tokens, a wider and deeper model, every training image of the split
@@ -200,7 +206,7 @@ PRESETS = {
         data=DataConfig(train_images=200000, val_images=200, test_images=1000, finetune_images=3000,
                         min_word_count=5),
         model=ModelConfig(image_size=128, patch_size=8, vit_dim=256, vit_depth=6, vit_heads=8, dim=384, depth=8,
-                          heads=8, prompt_len=0, response_len=0, block_length=4, guidance=0.3),
+                          heads=8, prompt_len=0, response_len=0, block_length=4, guidance=0.3, temperature=0.2),
         train=TrainConfig(vision_steps=5000, pixel_loss=1.0, sft_steps=20000, batch_size=128, lr=5e-4,
                           eval_every=2000, eval_samples=200, attack_epochs=20),  # as photo (not measured on a GPU)
         preset="gpu-photo",

@@ -1,8 +1,10 @@
 """Running a model over a dataset and scoring it: clean captioning/VQA quality and the backdoor's rates.
 
 Shared by train.py (validation, final held-out metrics), attack.py, purify.py and evaluate.py.
-Generation is greedy with low-confidence remasking, steps = gen_length unless told otherwise, in
-blocks of the model's `gen_block` tokens, with its `guidance` on the image.
+Generation uses low-confidence remasking, steps = gen_length unless told otherwise, in blocks of
+the model's `gen_block` tokens, with its `guidance` on the image and its sampling `temperature`
+(0: greedy). Each call draws its own seeded noise (`sampling_noise`): the same inputs give the same
+responses on every run, and the global random stream (training's) is left untouched.
 `HeldOutSet` is evaluate.py's held-out test set, clean and triggered; `detection` scores a
 purification's changed and masked samples against the attack's manifest.
 """
@@ -22,6 +24,12 @@ from disp.saliency import attention_scores, compute_saliency
 from disp.support.runtime import autocast
 
 
+def sampling_noise(cfg, device):
+    """The random generator of one generation call: seeded, so that sampling at the model's temperature
+    is reproducible; None where the sampler is greedy (no noise drawn)."""
+    return torch.Generator(device).manual_seed(0) if cfg.temperature else None
+
+
 @torch.no_grad()
 def encode_images_once(model, dataset, image_index, device, batch_size=256):
     """-> (vision tokens of each distinct image, (N,) row of them for each sample).
@@ -37,7 +45,7 @@ def encode_images_once(model, dataset, image_index, device, batch_size=256):
 
 def distinct_rows(encoded, indices: list, vision_masks=None):
     """-> (the first of each group of samples in `indices` that share image, prompt and vision mask,
-    (len(indices),) position of each sample's group). Such samples get the same greedy response and
+    (len(indices),) position of each sample's group). Such samples get the same response and
     the same first-step saliency, so each group is computed once (an image's 5 captions share one
     prompt: a fifth of the work)."""
     groups, firsts, inverse = {}, [], []
@@ -81,7 +89,7 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     if banned_words:
         banned = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)
         banned[[tokenizer.index[w] for w in banned_words]] = True
-    out = []
+    out, noise = [], sampling_noise(cfg, device)
     batches = range(0, len(indices), batch_size)
     for start in tqdm(batches, desc=desc or "generating", leave=False, disable=desc is None):
         idx = torch.tensor(indices[start:start + batch_size])
@@ -94,14 +102,15 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
                 vision_tokens = vision_transform(vision_tokens)
         ids = generate(model, None, prompt_ids, gen_length=cfg.response_len, steps=steps or cfg.response_len,
                        block_length=cfg.gen_block, vision_tokens=vision_tokens, vision_mask=vision_mask,
-                       banned=banned, threshold=threshold, guidance=cfg.guidance)
+                       banned=banned, threshold=threshold, guidance=cfg.guidance, temperature=cfg.temperature,
+                       generator=noise)
         out.extend(tokenizer.decode(row) for row in ids.cpu())
     return [out[g] for g in group.tolist()]
 
 
 @torch.no_grad()
 def denoising_trace(model, tokenizer, dataset, index: int, *, vision_mask=None, paint=False, device="cpu") -> dict:
-    """How greedy generation wrote sample `index`'s response, position by position up to its first
+    """How generation wrote sample `index`'s response, position by position up to its first
     [EOS]: the token, the model call (0-based) that committed it, and the probability it had then.
 
     vision_mask: optional (n_vision,) bool, image positions to mask (as DiSP's regeneration does);
@@ -115,7 +124,8 @@ def denoising_trace(model, tokenizer, dataset, index: int, *, vision_mask=None, 
     ids, (step, confidence) = generate(
         model, None, encoded.prompt_ids[index:index + 1].to(device), gen_length=cfg.response_len,
         steps=cfg.response_len, block_length=cfg.gen_block, vision_tokens=vision, return_trace=True,
-        vision_mask=vision_mask[None].to(device) if vision_mask is not None else None, guidance=cfg.guidance)
+        vision_mask=vision_mask[None].to(device) if vision_mask is not None else None, guidance=cfg.guidance,
+        temperature=cfg.temperature, generator=sampling_noise(cfg, device))
     ids = ids[0].tolist()
     end = ids.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in ids else len(ids)
     return {"tokens": [tokenizer.words[i] for i in ids[:end]], "step": step[0, :end].tolist(),
@@ -170,7 +180,7 @@ def answer_rate(answer: str, test):
 
 
 def clean_metrics(model, tokenizer, dataset, *, limit=None, device="cpu", desc=None, return_predictions=False):
-    """Caption CIDEr-D / BLEU-4 / exact match and VQA accuracy of greedy generations."""
+    """Caption CIDEr-D / BLEU-4 / exact match and VQA accuracy of the model's generations."""
     caption_idx, vqa_idx = split_indices(dataset, limit)
     indices = caption_idx + vqa_idx
     preds = generate_responses(model, tokenizer, dataset, indices, device=device, desc=desc)

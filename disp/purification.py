@@ -8,7 +8,8 @@ compromised model and the poisoned fine-tuning set, nothing else.
                    tokens along which a minority of its images forms a group, to be taken out (disp.spectral)
     regenerate     the compromised model rewrites each response with those tokens masked, their
                    patches painted flat before the ViT unless --masking token (and those
-                   directions taken out; greedy, steps = gen_length); the image, trigger included, is kept
+                   directions taken out) with its own sampler, steps = gen_length; the image,
+                   trigger included, is kept
     suppress       our extension for spread triggers: the words that the set's responses hold whatever
                    the prompt type are banned, and the regenerations that hold one are made again
                    without them (disp.suppression)

@@ -3,7 +3,7 @@
     python experiments/sampler.py --checkpoints runs/levers/base/clean.pt,runs/levers-s1/base/clean.pt \
         --blocks 0,2,4,5,10 --guidance 0,0.06,0.3,1
 
-For each clean.pt (a caption model: Flickr8k, COCO, ...) and each setting, greedy low-confidence
+For each clean.pt (a caption model: Flickr8k, COCO, ...) and each setting, low-confidence
 decoding of the captions of --val-images images of the val split (this is where a setting is chosen;
 `--split test` then checks the chosen one on the test images, as evaluate.py scores them), scored
 by CIDEr-D, BLEU-4 and the number of distinct captions, with the seconds the ViT and the sampler took.
@@ -15,15 +15,18 @@ by CIDEr-D, BLEU-4 and the number of distinct captions, with the seconds the ViT
               vision token masked (disp.diffusion.generate's guidance); w 0 is plain decoding. A model
               trained with train.py --image-free has seen that input; one trained without it has not.
               Costs a second forward pass per step.
+    temperature  each token drawn at this temperature (Gumbel noise, seeded: the same on every run);
+              0 is greedy. train.py's --temperature stores the choice in clean.pt
 Writes --out (JSON) and prints a table.
 """
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
@@ -38,17 +41,20 @@ from disp.support.files import write_json  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
 
 
-def caption_quality(model, tokenizer, data, precision, block_length: int, guidance: float, batch_size=256) -> dict:
+def caption_quality(model, tokenizer, data, precision, block_length: int, guidance: float, temperature=0.0,
+                    batch_size=256) -> dict:
     encoded = encode_dataset(data, tokenizer, model.cfg)
     indices = [i for i, s in enumerate(data.samples) if s["task"] == "caption"]
     firsts, group = distinct_rows(encoded, indices)  # an image's captions share one prompt
     out, start = [], time.perf_counter()
+    generator = torch.Generator().manual_seed(0)  # the Gumbel noise of temperature > 0: the same on every run
     with autocast("cpu", precision):
         vision, row = encode_images_once(model, data, encoded.image_index[firsts], "cpu")
         for s in range(0, len(firsts), batch_size):
             n = model.cfg.response_len
             ids = generate(model, None, encoded.prompt_ids[firsts[s:s + batch_size]], gen_length=n, steps=n,
-                           block_length=block_length or n, vision_tokens=vision[row[s:s + batch_size]], guidance=guidance)
+                           block_length=block_length or n, vision_tokens=vision[row[s:s + batch_size]], guidance=guidance,
+                           temperature=temperature, generator=generator)
             out += [tokenizer.decode(r) for r in ids]
     seconds = time.perf_counter() - start  # the ViT and the sampler, not the scoring
     result = score(data, indices, [out[g] for g in group.tolist()])
@@ -70,14 +76,17 @@ def main(argv=None):
     p.add_argument("--checkpoints", required=True, help="comma-separated clean.pt files of caption models")
     p.add_argument("--blocks", default="0,4", help="block lengths (0: the whole response), comma-separated")
     p.add_argument("--guidance", default="0", help="guidance scales w (0: none), comma-separated")
+    p.add_argument("--temperature", default="0",
+                   help="sampling temperatures (0: greedy), comma-separated: the Gumbel noise on each token's choice")
     p.add_argument("--val-images", type=int, default=500, help="val images captioned (default 500)")
     p.add_argument("--split", default="val", choices=["val", "test"], help="val (default) | test (every test image)")
     p.add_argument("--out", default="runs/sampler.json", help="where the results go (JSON)")
     args = p.parse_args(argv)
     blocks, scales = numbers(args.blocks, int, "--blocks"), numbers(args.guidance, float, "--guidance")
+    temperatures = numbers(args.temperature, float, "--temperature")
     check_positive("--val-images", args.val_images)
-    header = f"| checkpoint | block | guidance | {args.split} CIDEr-D | {args.split} BLEU-4 | distinct captions | seconds |"
-    results, lines = {}, [header, "|---|---:|---:|---:|---:|---:|---:|"]
+    header = f"| checkpoint | block | guidance | temperature | {args.split} CIDEr-D | {args.split} BLEU-4 | distinct captions | seconds |"
+    results, lines = {}, [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for path in args.checkpoints.split(","):
         model, tokenizer, config, _ = checkpoint.load(Path(path), stages=["clean"])
         data = load_split(replace(config.data, val_images=args.val_images), config.model.image_size, args.split)
@@ -85,11 +94,12 @@ def main(argv=None):
             if block and config.model.response_len % block:
                 raise DispError(f"--blocks {block} does not divide {path}'s response length {config.model.response_len}")
             for w in scales:
-                r = caption_quality(model, tokenizer, data, config.train.precision, block, w)
-                results[f"{path} {args.split} block={block} guidance={w}"] = r
-                lines.append(f"| {path} | {block or 'all'} | {w} | {r['cider']:.3f} | {r['bleu4']:.3f} | "
-                             f"{r['distinct_captions']} | {r['seconds']:.1f} |")
-                print(lines[-1], flush=True)
+                for t in temperatures:
+                    r = caption_quality(model, tokenizer, data, config.train.precision, block, w, t)
+                    results[f"{path} {args.split} block={block} guidance={w} temperature={t}"] = r
+                    lines.append(f"| {path} | {block or 'all'} | {w} | {t} | {r['cider']:.3f} | {r['bleu4']:.3f} | "
+                                 f"{r['distinct_captions']} | {r['seconds']:.1f} |")
+                    print(lines[-1], flush=True)
     write_json(Path(args.out), results)
     print("\n".join(lines))
 

@@ -151,3 +151,16 @@ def test_generation_writes_in_the_models_sampler_blocks(monkeypatch):
     generate_responses(model, tokenizer, data, [0])
     denoising_trace(model, tokenizer, data, 0)
     assert seen == [4, 2, 2]
+
+
+def test_sampling_at_the_models_temperature_is_reproducible_and_leaves_the_global_stream_alone():
+    """cfg.temperature > 0 samples (other responses than greedy), the same ones on every call, from
+    its own seeded noise: training's random stream, which train.py's evaluations run inside, is untouched."""
+    model, tokenizer, data = setup()
+    greedy = generate_responses(model, tokenizer, data, batch_size=2)
+    model.cfg.temperature = 1.0
+    state = torch.get_rng_state()
+    sampled = generate_responses(model, tokenizer, data, batch_size=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert sampled != greedy
+    assert generate_responses(model, tokenizer, data, batch_size=2) == sampled

@@ -339,3 +339,31 @@ def test_feature_shift_measures_the_tiny_run(tiny_pipeline, tmp_path):
     bad = subprocess.run([sys.executable, "experiments/feature_shift.py", str(tmp_path), "--directions", "0"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --directions must be > 0, got 0"
+
+
+def test_resample_gives_a_finished_run_another_sampler(tiny_pipeline, tmp_path):
+    """experiments/resample.py: clean.pt and backdoored.pt copied with the stored temperature changed and
+    the weights untouched; purify.py accepts the copy and regenerates with that sampler; an existing
+    --to is refused."""
+    import torch
+
+    target = tmp_path / "resampled"
+    argv = [sys.executable, "experiments/resample.py", "--from", str(tiny_pipeline), "--to", str(target),
+            "--temperature", "0.7"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("clean.pt", "backdoored.pt"):
+        old, _, old_config, _ = checkpoint.load(tiny_pipeline / name)
+        new, _, new_config, state = checkpoint.load(target / name)
+        assert new_config.model.temperature == 0.7 and old_config.model.temperature == 0.0
+        assert new_config.to_dict() | {"model": None} == old_config.to_dict() | {"model": None}
+        assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
+        assert state["extra"]["sampler"] == {"temperature": 0.7}
+    result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(target)], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line)["regenerated"] for line in (target / "purified_train.jsonl").read_text().splitlines()]
+    greedy = [json.loads(line)["regenerated"] for line in (tiny_pipeline / "purified_train.jsonl").read_text().splitlines()]
+    assert len(rows) == len(greedy) and rows != greedy
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1 and "exists: give --to a new folder" in result.stderr

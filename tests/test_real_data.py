@@ -202,5 +202,6 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
                                 cwd=root, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         rows = json.loads(out.read_text())
-        assert [key.split()[-1] for key in rows] == ["guidance=0.0", "guidance=0.3"]
+        assert [key.split()[-2:] for key in rows] == [["guidance=0.0", "temperature=0.0"],
+                                                      ["guidance=0.3", "temperature=0.0"]]
         assert all(r["seconds"] > 0 and 0 <= r["cider"] and 1 <= r["distinct_captions"] for r in rows.values())

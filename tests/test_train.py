@@ -80,12 +80,13 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     result = run("train.py", "--preset", "tiny", "--data", "karpathy", "--data-root", str(root),
                  "--run-dir", str(tmp_path / "levers"), "--sft-steps", "4", "--vision-steps", "2",
                  "--vision-objective", "both", "--vision-crop", "0.6", "--conv-stem", "1", "--block-length", "4",
-                 "--sft-vit-lr", "1e-4", "--image-free", "0.1", "--guidance", "0.3")
+                 "--sft-vit-lr", "1e-4", "--image-free", "0.1", "--guidance", "0.3",
+                 "--temperature", "0.5")
     assert result.returncode == 0, result.stderr[-2000:]
     model, _, config, _ = checkpoint.load(tmp_path / "levers" / "clean.pt")
     assert (config.train.vision_objective, config.train.vision_crop, config.model.conv_stem) == ("both", 0.6, True)
     assert (config.model.block_length, config.train.sft_vit_lr) == (4, 1e-4) and config.model.response_len % 4 == 0
-    assert (config.train.image_free, config.model.guidance) == (0.1, 0.3)
+    assert (config.train.image_free, config.model.guidance, config.model.temperature) == (0.1, 0.3, 0.5)
     assert hasattr(model.vit, "stem") and not hasattr(model.vit, "patch_embed")
 
 
@@ -107,6 +108,7 @@ def test_training_on_a_public_dataset_layout(tmp_path):
     (["--sft-vit-lr=-1e-4"], "--sft-vit-lr must be >= 0, got -0.0001"),
     (["--image-free", "1"], "--image-free must be in [0, 1), got 1.0"),
     (["--guidance=-0.5"], "--guidance must be >= 0, got -0.5"),
+    (["--temperature=-1"], "--temperature must be >= 0, got -1.0"),
     (["--vision-from", "/nonexistent/run/clean.pt"], "folder /nonexistent/run does not exist (looked for checkpoint clean.pt"),
 ])
 def test_bad_input_gives_one_line_error(args, message, tmp_path):
@@ -207,10 +209,11 @@ def test_public_data_picks_the_photo_preset():
     assert new_config(parse_args([]), "cpu").preset == "cpu"
     daquar = new_config(parse_args(["--data", "daquar", "--data-root", "/somewhere"]), "cpu")
     assert daquar.preset == "daquar" and daquar.train.attack_epochs > public.train.attack_epochs
-    assert (replace(daquar.model, block_length=4, guidance=0.3), daquar.data.min_word_count) == \
-        (public.model, public.data.min_word_count)  # the same model; DAQUAR's short answers in one block, unguided
+    assert (replace(daquar.model, block_length=4, guidance=0.3, temperature=0.2), daquar.data.min_word_count) == \
+        (public.model, public.data.min_word_count)  # the same model; DAQUAR's short answers greedy in one block
     assert (daquar.model.block_length, public.model.block_length) == (0, 4)
     assert (daquar.model.guidance, public.model.guidance) == (0.0, 0.3)
+    assert (daquar.model.temperature, public.model.temperature) == (0.0, 0.2)
     assert new_config(parse_args(["--preset", "tiny", "--data", "flickr"]), "cpu").preset == "tiny"
 
 
