@@ -366,4 +366,4 @@ def test_resample_gives_a_finished_run_another_sampler(tiny_pipeline, tmp_path):
     greedy = [json.loads(line)["regenerated"] for line in (tiny_pipeline / "purified_train.jsonl").read_text().splitlines()]
     assert len(rows) == len(greedy) and rows != greedy
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1 and "exists: give --to a new folder" in result.stderr
+    assert result.returncode == 2 and "exists: give --to a new folder" in result.stderr
