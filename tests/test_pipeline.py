@@ -359,6 +359,7 @@ def test_resample_gives_a_finished_run_another_sampler(tiny_pipeline, tmp_path):
         assert new_config.to_dict() | {"model": None} == old_config.to_dict() | {"model": None}
         assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values()))
         assert state["extra"]["sampler"] == {"temperature": 0.7}
+    checkpoint.check_made_from(state, target / "backdoored.pt", target, ["clean.pt"])  # evaluate.py's check
     result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(target)], cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
