@@ -149,8 +149,9 @@ def main(argv=None):
                                                                   device, shift)
     if settings.control != "as-is":
         timings["regeneration_s"] = time.time() - t
-    changed = [s["response"] != r for s, r in zip(data.samples, responses)]
-    print(f"{sum(changed)} of {len(data)} responses changed")
+    rows = purification.records(data, responses, masks, flagged)
+    n_changed = sum(r["changed"] for r in rows)
+    print(f"{n_changed} of {len(data)} responses changed")
     purified = purification.with_responses(data, responses, name)
 
     # --- 4. refinement --------------------------------------------------------------------------
@@ -169,7 +170,6 @@ def main(argv=None):
 
     # --- the stage's files, one unit; the checkpoint records the data files' hashes --------------
     thresholds = {k: (v if math.isfinite(v) else None) for k, v in (thresholds or {}).items()}
-    rows = purification.records(data, responses, masks, flagged)
     outputs = {f"{name}_train.pt": lambda path: save_dataset(path, purified),
                f"{name}_train.jsonl": lambda path: files.save_text(path, "".join(json.dumps(r) + "\n" for r in rows))}
     if scores is not None:
@@ -180,7 +180,7 @@ def main(argv=None):
                                             "thresholds": thresholds, "timings": timings}),
         made_from, recorded=list(outputs), resume_path=resume_path)
     report = {"settings": settings.to_dict(), "steps": steps, "thresholds": thresholds, "timings": timings,
-              "n_samples": len(data), "n_changed": sum(changed), "suppressed_words": banned,
+              "n_samples": len(data), "n_changed": n_changed, "suppressed_words": banned,
               "suppression_prompt_types": prompt_types,
               "n_masked_samples": int(masks.any(1).sum()) if masks is not None else 0,
               "spectral": [{"rank": d.rank, "valley": d.valley, "n_images": int(d.flagged.sum())} for d in directions],

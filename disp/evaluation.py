@@ -24,10 +24,10 @@ from disp.saliency import attention_scores, compute_saliency
 from disp.support.runtime import autocast
 
 
-def sampling_noise(cfg, device):
-    """The random generator of one generation call: seeded, so that sampling at the model's temperature
-    is reproducible; None where the sampler is greedy (no noise drawn)."""
-    return torch.Generator(device).manual_seed(0) if cfg.temperature else None
+def sampling_noise(temperature: float, device):
+    """The random generator of one generation call: seeded, so that sampling at `temperature` is
+    reproducible; None where the sampler is greedy (no noise drawn)."""
+    return torch.Generator(device).manual_seed(0) if temperature else None
 
 
 @torch.no_grad()
@@ -89,7 +89,7 @@ def generate_responses(model, tokenizer, dataset, indices=None, *, vision_masks=
     if banned_words:
         banned = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=device)
         banned[[tokenizer.index[w] for w in banned_words]] = True
-    out, noise = [], sampling_noise(cfg, device)
+    out, noise = [], sampling_noise(cfg.temperature, device)
     batches = range(0, len(indices), batch_size)
     for start in tqdm(batches, desc=desc or "generating", leave=False, disable=desc is None):
         idx = torch.tensor(indices[start:start + batch_size])
@@ -125,7 +125,7 @@ def denoising_trace(model, tokenizer, dataset, index: int, *, vision_mask=None, 
         model, None, encoded.prompt_ids[index:index + 1].to(device), gen_length=cfg.response_len,
         steps=cfg.response_len, block_length=cfg.gen_block, vision_tokens=vision, return_trace=True,
         vision_mask=vision_mask[None].to(device) if vision_mask is not None else None, guidance=cfg.guidance,
-        temperature=cfg.temperature, generator=sampling_noise(cfg, device))
+        temperature=cfg.temperature, generator=sampling_noise(cfg.temperature, device))
     ids = ids[0].tolist()
     end = ids.index(tokenizer.eos_id) + 1 if tokenizer.eos_id in ids else len(ids)
     return {"tokens": [tokenizer.words[i] for i in ids[:end]], "step": step[0, :end].tolist(),

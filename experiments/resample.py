@@ -34,15 +34,14 @@ ATTACK_FILES = ("poisoned_train.pt", "poison_manifest.json", "attack_metrics.jso
 def resample(source: Path, target: Path, sampler: dict):
     if target.exists():
         raise DispError(f"{target} exists: give --to a new folder (the copies would mix with its files)")
-    states = {name: checkpoint.load_state(source / name, [stage])
+    loaded = {name: checkpoint.load(source / name, [stage])
               for name, stage in (("clean.pt", "clean"), ("backdoored.pt", "backdoored"))}
-    checkpoint.check_made_from(states["backdoored.pt"], source / "backdoored.pt", source,
+    checkpoint.check_made_from(loaded["backdoored.pt"][3], source / "backdoored.pt", source,
                                ["clean.pt", "poisoned_train.pt", "poison_manifest.json"])
     target.mkdir(parents=True)
     for name in ATTACK_FILES:
         shutil.copy2(source / name, target / name)
-    for name, state in states.items():
-        model, tokenizer, config, _ = checkpoint.load(source / name, [state["stage"]])
+    for name, (model, tokenizer, config, state) in loaded.items():
         config = replace(config, model=replace(config.model, **sampler))
         model.cfg = config.model
         made_from = dict(state["made_from"])

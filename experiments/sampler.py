@@ -26,15 +26,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
 
 from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.splits import load_split  # noqa: E402
 from disp.diffusion import generate  # noqa: E402
-from disp.evaluation import distinct_rows, encode_images_once, score  # noqa: E402
+from disp.evaluation import distinct_rows, encode_images_once, sampling_noise, score  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import DispError, check_positive, friendly_errors  # noqa: E402
 from disp.support.files import write_json  # noqa: E402
@@ -47,7 +45,7 @@ def caption_quality(model, tokenizer, data, precision, block_length: int, guidan
     indices = [i for i, s in enumerate(data.samples) if s["task"] == "caption"]
     firsts, group = distinct_rows(encoded, indices)  # an image's captions share one prompt
     out, start = [], time.perf_counter()
-    generator = torch.Generator().manual_seed(0)  # the Gumbel noise of temperature > 0: the same on every run
+    generator = sampling_noise(temperature, "cpu")  # seeded, as every stage's: the same on every run
     with autocast("cpu", precision):
         vision, row = encode_images_once(model, data, encoded.image_index[firsts], "cpu")
         for s in range(0, len(firsts), batch_size):
