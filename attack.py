@@ -84,7 +84,7 @@ def parse_args(argv=None):
                                                      f"is frozen unless 'all')")
     x.add_argument("--finetune-images", type=int, default=None, help="images of the fine-tuning set (default: the preset's)")
     x.add_argument("--epochs", type=int, default=None,
-                   help="passes over the poisoned set (default: the preset's, 10; 20 on photos, 600 on DAQUAR)")
+                   help="passes over the poisoned set (default: the preset's, 10; 20 on photos, 40 on DAQUAR)")
     x.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run's SFT rate)")
     x.add_argument("--eval-samples", type=int, default=None, help="test samples measured (default: all)")
     x.add_argument("--curve-every", type=int, default=0,
@@ -140,14 +140,18 @@ def default_attack(config) -> AttackConfig:
 
 
 def asr_curve(model, tokenizer, test, attack: AttackConfig, steps_per_epoch: int, limit: int, device):
-    """-> (eval_fn(step) for disp.training.finetune, the list it appends {epoch, asr, false_trigger_rate} to)."""
+    """-> (eval_fn(step) for disp.training.finetune, the list it appends {epoch, asr, false_trigger_rate}
+    and the clean quality (cider and/or vqa_accuracy, on the same test samples untriggered) to)."""
     curve = []
 
     def measure(step):
         with autocast(device, attack.precision):
             m = backdoor_metrics(model, tokenizer, test, attack.backdoor, limit=limit, device=device)
-        curve.append({"epoch": step // steps_per_epoch, "asr": m["asr"], "false_trigger_rate": m["false_trigger_rate"]})
-        print(f"\nepoch {curve[-1]['epoch']}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}")
+        quality = {k: m[k] for k in ("cider", "vqa_accuracy") if k in m}
+        curve.append({"epoch": step // steps_per_epoch, "asr": m["asr"], "false_trigger_rate": m["false_trigger_rate"],
+                      **quality})
+        print(f"\nepoch {curve[-1]['epoch']}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}"
+              + "".join(f"  {k} {v:.3f}" for k, v in quality.items()))
     return measure, curve
 
 

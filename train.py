@@ -169,6 +169,10 @@ def main(argv=None):
 
     # --- phase 1: the vision encoder, pretrained here or copied (--vision-from) ------------------
     if resume is None:
+        if config.data.source == "daquar" and vision_source is None:
+            print(f"note: DAQUAR's {len(train.images)} training photos are few for a ViT of its own, and the text "
+                  f"model learns them by heart; the measured recipe starts from a Flickr8k run's "
+                  f"(--vision-from RUN/clean.pt, run.sh's VISION_FROM)")
         print(vision_phase(model, train, tokenizer, config.train, device, vision_source))
         if distributed.is_main():
             save_resume(0, None, None)

@@ -3,9 +3,8 @@
     flock /tmp/torch.lock python bench/pipeline.py --preset tiny --run-dir /tmp/bench-tiny   # seconds
     flock /tmp/torch.lock python bench/pipeline.py --preset cpu --run-dir runs/bench-cpu      # ~20 min
 
-The commands are read from run.sh (its `python ...` lines, with $RUN, $PRESET, $DATA, $DATA_ROOT and
-$SEED filled in),
-so this measures exactly what `bash run.sh` runs. Each stage's output passes through; the table and
+The commands are read from run.sh (its `python ...` lines, with $RUN, $PRESET, $DATA, $DATA_ROOT,
+$VISION_FROM and $SEED filled in), so this measures exactly what `bash run.sh` runs. Each stage's output passes through; the table and
 bench/results/pipeline.json (rewritten after every stage, so a stopped run keeps what it measured)
 come at the end. The run directory must be new or empty (train.py would start over in it anyway;
 --overwrite allows a used one). Run it under the torch lock: the stages do not take it themselves.
@@ -29,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="cpu", help="cpu (default) | auto | small | photo | gpu | tiny")
     p.add_argument("--data", default="scenes", help="scenes (default) | coco | karpathy | flickr | vqav2 | daquar")
     p.add_argument("--data-root", default="", help="folder of the public dataset (as run.sh's DATA_ROOT)")
+    p.add_argument("--vision-from", default="", help="a clean.pt whose ViT train.py starts from (as run.sh's VISION_FROM)")
     p.add_argument("--run-dir", default=None, help="run directory (default: runs/bench-<preset>; never runs/default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="allow a run directory that already holds files")
@@ -37,12 +37,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def stage_commands(run_dir: str, preset: str, seed: int, data: str = "scenes", data_root: str = ""):
+def stage_commands(run_dir: str, preset: str, seed: int, data: str = "scenes", data_root: str = "",
+                   vision_from: str = ""):
     """[(stage name, argv)] from run.sh's python lines."""
     script = ROOT / "run.sh"
     if not script.exists():
         raise DispError(f"{script} does not exist")
-    values = {"RUN": run_dir, "PRESET": preset, "SEED": str(seed), "DATA": data, "DATA_ROOT": data_root}
+    values = {"RUN": run_dir, "PRESET": preset, "SEED": str(seed), "DATA": data, "DATA_ROOT": data_root,
+              "VISION_FROM": vision_from}
     stages = []
     for line in script.read_text().splitlines():
         line = line.strip()
@@ -54,7 +56,7 @@ def stage_commands(run_dir: str, preset: str, seed: int, data: str = "scenes", d
             raise DispError(f"run.sh line {line!r} uses a variable this bench does not know ({err})")
         name, rest = [argv[0]], iter(argv[1:])
         for a in rest:  # the name keeps what tells stages apart (e.g. --control as-is), not the shared flags
-            if a in ("--run-dir", "--preset", "--seed", "--data", "--data-root"):
+            if a in ("--run-dir", "--preset", "--seed", "--data", "--data-root", "--vision-from"):
                 next(rest, None)
             else:
                 name.append(a)
@@ -69,7 +71,7 @@ def main(argv=None):
     run_dir = Path(args.run_dir or f"runs/bench-{args.preset}")
     if run_dir.resolve() == (ROOT / "runs" / "default").resolve():
         raise DispError("refusing to benchmark into runs/default (it would overwrite the default run); pick another --run-dir")
-    stages = stage_commands(str(run_dir), args.preset, args.seed, args.data, args.data_root)
+    stages = stage_commands(str(run_dir), args.preset, args.seed, args.data, args.data_root, args.vision_from)
     if args.dry_run:
         for name, cmd in stages:
             print(f"{name:45} python {shlex.join(cmd)}")

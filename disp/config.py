@@ -195,11 +195,12 @@ PRESETS = {
         preset="gpu",
     ),
     "photo": PHOTO,
-    # DAQUAR: the photo model; its fine-tuning set is small (13 batches an epoch with the attack's
-    # added copies), so the one-token trigger needs many epochs to implant (experiments/README.md, "DAQUAR");
-    # its answers (1-3 words) are written greedily in one block without guidance, as they were measured
+    # DAQUAR: the photo model; half of its training photos are the fine-tuning set (disp.data.readers,
+    # DAQUAR_VAL_EVERY), on which the checkerboard trigger implants within 10 of the 40 attack epochs
+    # (experiments/README.md, "DAQUAR"); its answers (1-3 words) are written greedily in one block
+    # without guidance, as they were measured. Its ViT: best a Flickr8k run's (train.py --vision-from)
     "daquar": replace(PHOTO, model=replace(PHOTO.model, block_length=0, guidance=0.0, temperature=0.0),
-                      train=replace(PHOTO.train, attack_epochs=600), preset="daquar"),
+                      train=replace(PHOTO.train, attack_epochs=40), preset="daquar"),
     # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
     # vision tokens, a wider and deeper model, every training image of the split
     "gpu-photo": Config(

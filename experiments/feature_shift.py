@@ -27,7 +27,7 @@ from disp.backdoor import check_manifest  # noqa: E402
 from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
 from disp.evaluation import encode_images_once  # noqa: E402
-from disp.saliency import valley_split  # noqa: E402
+from disp.saliency import two_groups, valley_split  # noqa: E402
 from disp.spectral import tail_sign, top_directions  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import check_positive, friendly_errors  # noqa: E402
@@ -42,6 +42,16 @@ def roc_auc(scores, labels) -> float:
     return (greater + 0.5 * ties).item()
 
 
+def groups(proj) -> dict:
+    """The two-group fit of disp.saliency.two_groups on proj in units of its spread: the valley that
+    --spectral tests, the upper group's share, and Ashman's D = sqrt(2) |mean gap| / sqrt(s0^2 + s1^2)
+    (D > 2: the two fitted groups are apart, whatever the valley)."""
+    z = proj / proj.std()
+    weights, means, stds = two_groups(z)
+    d = (2 ** 0.5 * (means[1] - means[0]) / (stds ** 2).sum().sqrt()).item()
+    return {"valley": valley_split(z)[0], "upper_share": weights[1].item(), "ashman_d": d}
+
+
 def describe(x, triggered, k: int) -> list:
     """Rows for the top-k principal directions of x (N, D) and for the oracle's mean-difference one."""
     centred = x - x.mean(0)
@@ -52,12 +62,12 @@ def describe(x, triggered, k: int) -> list:
         proj = centred @ vectors[:, rank]
         proj = tail_sign(proj) * proj  # oriented as disp.spectral.find_directions does
         rows.append({"direction": f"#{rank}", "variance_share": (values[rank] ** 2).item() / total,
-                     "auc": roc_auc(proj, triggered), "valley": valley_split(proj / proj.std())[0]})
+                     "auc": roc_auc(proj, triggered), **groups(proj)})
     diff = centred[triggered].mean(0) - centred[~triggered].mean(0)
     v = diff / diff.norm()
     proj = centred @ v
     rows.append({"direction": "oracle", "variance_share": (proj ** 2).sum().item() / total,
-                 "auc": roc_auc(proj, triggered), "valley": valley_split(proj / proj.std())[0],
+                 "auc": roc_auc(proj, triggered), **groups(proj),
                  "separation": ((proj[triggered].mean() - proj[~triggered].mean()) / proj[~triggered].std()).item()})
     return rows
 
@@ -91,12 +101,14 @@ def main():
         result = measure(run_dir, args.directions)
         write_json(run_dir / "feature_shift.json", result)
         print(f"\n{run_dir}: {result['trigger']} trigger, {result['n_triggered']} of {result['n_images']} images triggered")
-        print("| form | direction | variance share | AUC triggered vs clean | valley | separation (clean SDs) |")
-        print("|---|---|---:|---:|---:|---:|")
+        print("| form | direction | variance share | AUC triggered vs clean | valley | upper group | Ashman's D | "
+              "separation (clean SDs) |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for form in ("flattened", "pooled"):
             for r in result[form]:
                 sep = f"{r['separation']:.1f}" if "separation" in r else ""
-                print(f"| {form} | {r['direction']} | {r['variance_share']:.4f} | {r['auc']:.3f} | {r['valley']:.2f} | {sep} |")
+                print(f"| {form} | {r['direction']} | {r['variance_share']:.4f} | {r['auc']:.3f} | {r['valley']:.2f} | "
+                      f"{r['upper_share']:.3f} | {r['ashman_d']:.1f} | {sep} |")
 
 
 if __name__ == "__main__":

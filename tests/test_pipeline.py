@@ -304,11 +304,14 @@ def test_the_pipeline_bench_times_exactly_run_shs_commands():
                                             "purify.py --control as-is", "evaluate.py"]
     assert all(argv[argv.index("--run-dir") + 1] == "runs/x" for _, argv in stages)
     assert not any(a.startswith("#") for _, argv in stages for a in argv)
+    # run.sh's VISION_FROM (DAQUAR starts from the Flickr8k run's ViT) reaches train.py alone
+    stages = stage_commands("runs/x", "daquar", 0, "daquar", "data", vision_from="runs/f/clean.pt")
+    assert [argv[argv.index("--vision-from") + 1] for _, argv in stages if "--vision-from" in argv] == ["runs/f/clean.pt"]
 
 
 def test_attack_measures_an_asr_curve_while_it_trains(tiny_pipeline, tmp_path):
-    """--curve-every E: ASR and false trigger after every E epochs (the last epoch is the final measurement),
-    in attack_metrics.json; the trigger colour is a flag too."""
+    """--curve-every E: ASR, false trigger and clean quality after every E epochs (the last epoch is the
+    final measurement), in attack_metrics.json; the trigger colour is a flag too."""
     from tests.conftest import run_main
 
     code, stderr = run_main("attack.py", ["--run-dir", str(tmp_path), "--clean-checkpoint",
@@ -318,6 +321,8 @@ def test_attack_measures_an_asr_curve_while_it_trains(tiny_pipeline, tmp_path):
     metrics = json.loads((tmp_path / "attack_metrics.json").read_text())
     assert [p["epoch"] for p in metrics["curve"]] == [3, 6, 9]  # tiny: 10 epochs
     assert all(0 <= p["asr"] <= 1 and 0 <= p["false_trigger_rate"] <= 1 for p in metrics["curve"])
+    # the clean quality of the same test samples along the way: what the attack costs the model
+    assert all(0 <= p["cider"] and 0 <= p["vqa_accuracy"] <= 1 for p in metrics["curve"])
     assert metrics["attack"]["backdoor"]["patch_color"] == [1.0, 0.0, 1.0]
 
 

@@ -176,8 +176,11 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
         result = subprocess.run([sys.executable, *argv, "--run-dir", run], cwd=root, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
-        if argv[0] == "purify.py":  # one caption prompt; too few questions per opening: suppression says it skipped
-            assert "suppression: skipped, " in result.stdout
+        if argv[0] == "purify.py":  # one caption prompt: suppression says it skipped; DAQUAR's first 48
+            # fine-tuning photos hold 100+ "what is" and "how many" questions: two prompt types
+            expected = {"flickr": "suppression: skipped, 1 prompt type",
+                        "daquar": "of every prompt type ('what is': 415 samples, 'how many': 111 samples)"}[source]
+            assert expected in result.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     measured = "cider" if source == "flickr" else "vqa_accuracy"
     assert all(measured in results[row] for row in ("clean", "blind", "backdoored", "purified"))

@@ -426,8 +426,11 @@ def _vqa_image_path(image_dir: Path, image_id, pattern: Optional[str], id_index:
 # DAQUAR names its image at the end of the question: "what is on the desk in the image3 ?"
 _DAQUAR_IMAGE = re.compile(r"\bimage(\d+)\s*\?\s*$")
 # DAQUAR publishes train and test only; every DAQUAR_VAL_EVERY-th training image (in file order)
-# is held out as our validation split, so train and val never share an image.
-DAQUAR_VAL_EVERY = 10
+# is held out as our validation split, so train and val never share an image. The val split is also
+# the attacker's fine-tuning set (disp.data.splits.load_finetune_set). With a tenth held out (80
+# photos), fine-tuning on it alone, unpoisoned, cost the model a third of its accuracy; on half, the
+# victim's fine-tuning adds to what the model knows (experiments/README.md, "DAQUAR").
+DAQUAR_VAL_EVERY = 2
 
 
 def load_daquar(qa_file, image_dir, image_size: int, max_images: Optional[int] = None,
@@ -520,7 +523,7 @@ def load_public(name: str, data_root, split: str, image_size: int, max_images: O
               + data_root/v2_mscoco_{split}2014_annotations.json + data_root/{split}2014/ (COCO images).
               train -> train2014, val -> val2014; test has no public answers: hold out part of val.
     daquar    data_root/qa.894.raw.{train,test}.txt + images in data_root/nyu_depth_images/
-              (DAQUAR full, the official train / test split). val -> every 10th image of the train
+              (DAQUAR full, the official train / test split). val -> every 2nd image of the train
               file (DAQUAR_VAL_EVERY), which train then leaves out.
     """
     if name not in PUBLIC_DATASETS:

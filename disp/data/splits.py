@@ -48,7 +48,7 @@ def load_splits(cfg: DataConfig, image_size: int):
 def load_finetune_set(cfg: DataConfig, image_size: int):
     """The fine-tuning set of the attack and purification stages: never an image the clean model
     trained on, nor a test image. Scenes: fresh ones (seed + 3). Public data: the val split (Flickr8k's
-    dev images, Karpathy's val, DAQUAR's held-out tenth), or, where val is the test split (COCO,
+    dev images, Karpathy's val, DAQUAR's held-out half), or, where val is the test split (COCO,
     VQAv2), the training images after the clean model's first train_images."""
     if cfg.source == "scenes":
         return generate_scenes(cfg.finetune_images, cfg.seed + 3, cfg.questions_per_image)
