@@ -6,8 +6,8 @@
     torchrun --nproc_per_node=2 train.py           # data-parallel (gloo on CPU, nccl on GPUs)
 
 Phase 1 pretrains the ViT on what each patch shows (a stand-in for a pretrained vision tower), or
-takes it from another run's clean.pt (--vision-from: DAQUAR's 715 photos are too few, it starts from
-the Flickr8k run's ViT); phase 2 freezes it and trains projector + text transformer with the
+takes it from another run's clean.pt (--vision-from: DAQUAR's 397 training photos are too few; it
+starts from the Flickr8k run's ViT); phase 2 freezes it and trains projector + text transformer with the
 masked-diffusion SFT loss. The run's settings (preset, seed, data, precision) are stored in
 clean.pt; the later stages read them from there. Writes, in the run directory:
     clean.pt            the clean model with its config and tokenizer

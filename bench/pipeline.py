@@ -4,10 +4,11 @@
     flock /tmp/torch.lock python bench/pipeline.py --preset cpu --run-dir runs/bench-cpu      # ~20 min
 
 The commands are read from run.sh (its `python ...` lines, with $RUN, $PRESET, $DATA, $DATA_ROOT,
-$VISION_FROM and $SEED filled in), so this measures exactly what `bash run.sh` runs. Each stage's output passes through; the table and
-bench/results/pipeline.json (rewritten after every stage, so a stopped run keeps what it measured)
-come at the end. The run directory must be new or empty (train.py would start over in it anyway;
---overwrite allows a used one). Run it under the torch lock: the stages do not take it themselves.
+$VISION_FROM and $SEED filled in), so this measures exactly what `bash run.sh` runs. Each stage's
+output passes through; the table and bench/results/pipeline.json (rewritten after every stage, so a
+stopped run keeps what it measured) come at the end. The run directory must be new or empty
+(train.py would start over in it anyway; --overwrite allows a used one). Run it under the torch
+lock: the stages do not take it themselves.
 """
 
 import argparse
