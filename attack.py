@@ -32,7 +32,7 @@ from disp.config import TINY_NOTE, TRAINABLE, AttackConfig, flat
 from disp.data.batching import encode_dataset
 from disp.data.dataset import save_dataset
 from disp.data.splits import load_finetune_set, load_split
-from disp.evaluation import backdoor_metrics
+from disp.evaluation import backdoor_metrics, quality_line
 from disp.support import checkpoint, distributed, files, stage
 from disp.support.errors import DispError, check_positive, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
@@ -235,8 +235,7 @@ def main(argv=None):
         made_from, recorded=["poisoned_train.pt", "poison_manifest.json"], resume_path=resume_path)
 
     for name, m in results.items():
-        print(f"{name:>10}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}  "
-              f"CIDEr-D {m.get('cider', 0):.3f}  BLEU-4 {m.get('bleu4', 0):.3f}  VQA {m.get('vqa_accuracy', 0):.3f}")
+        print(f"{name:>10}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}  {quality_line(m)}")
     print(json.dumps({"minutes": round((time.time() - t0) / 60, 2), "steps": steps}))
     if config.preset == "tiny":
         print(TINY_NOTE)

@@ -25,7 +25,7 @@ from disp.config import TINY_NOTE, VISION_OBJECTIVES, Config, data_summary, fit_
 from disp.data.batching import encode_dataset
 from disp.data.splits import SOURCES, load_splits
 from disp.data.tokenizer import Tokenizer
-from disp.evaluation import clean_metrics, generate_responses, majority_answer, split_indices
+from disp.evaluation import clean_metrics, generate_responses, majority_answer, quality_line, split_indices
 from disp.support import checkpoint, distributed, files, stage
 from disp.support.errors import DispError, check_choice, check_positive, friendly_errors
 from disp.support.runtime import autocast, pick_device, resolve_precision, seed_everything
@@ -188,8 +188,7 @@ def main(argv=None):
     def validate(step):
         with autocast(device, precision):
             m = clean_metrics(model, tokenizer, val, limit=config.train.eval_samples, device=device)
-        print(f"\nstep {step}: val CIDEr-D {m.get('cider', 0):.3f}  caption EM {m.get('caption_exact_match', 0):.3f}"
-              f"  VQA {m.get('vqa_accuracy', 0):.3f}")
+        print(f"\nstep {step}: val {quality_line(m)}")
 
     optimizer, rng = finetune(
         model, train.images, encode_dataset(train, tokenizer, config.model),

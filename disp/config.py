@@ -198,9 +198,11 @@ PRESETS = {
     # DAQUAR: the photo model; half of its training photos are the fine-tuning set (disp.data.readers,
     # DAQUAR_VAL_EVERY), on which the checkerboard trigger implants within 10 of the 40 attack epochs
     # (experiments/README.md, "DAQUAR"); its answers (1-3 words) are written greedily in one block
-    # without guidance, as they were measured. Its ViT: best a Flickr8k run's (train.py --vision-from)
+    # without guidance, as they were measured. A third of its clean SFT samples see no image: the
+    # model learns the question prior instead of the answers of its 397 training rooms by heart
+    # (seed 0 test 0.168 -> 0.194). Its ViT: best a Flickr8k run's (train.py --vision-from)
     "daquar": replace(PHOTO, model=replace(PHOTO.model, block_length=0, guidance=0.0, temperature=0.0),
-                      train=replace(PHOTO.train, attack_epochs=40), preset="daquar"),
+                      train=replace(PHOTO.train, attack_epochs=40, image_free=0.3), preset="daquar"),
     # public photos on one GPU (COCO captions, Flickr30k, VQAv2 at full size): 128 px -> 16x16 = 256
     # vision tokens, a wider and deeper model, every training image of the split
     "gpu-photo": Config(

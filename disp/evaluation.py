@@ -165,6 +165,15 @@ def score(dataset, indices, predictions) -> dict:
     return result
 
 
+QUALITY_NAMES = {"cider": "CIDEr-D", "bleu4": "BLEU-4", "caption_exact_match": "caption EM", "vqa_accuracy": "VQA"}
+
+
+def quality_line(metrics: dict) -> str:
+    """'CIDEr-D 0.201  BLEU-4 0.104  ...': the clean metrics that `score` measured (a task the data
+    lacks is left out, not shown as 0)."""
+    return "  ".join(f"{name} {metrics[key]:.3f}" for key, name in QUALITY_NAMES.items() if key in metrics)
+
+
 def majority_answer(train):
     """The most frequent answer of the training questions (None without questions): train.py stores
     it with the clean model, so evaluate.py needs no training data."""

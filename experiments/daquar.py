@@ -4,7 +4,7 @@
     python experiments/daquar.py --data-root ../shared/data/daquar --vision-from runs/flickr/clean.pt \
         --out runs/daquar-curve-flickr-vit.json
 
-On the split train.py reads (DAQUAR full; val = every 10th training image):
+On the split train.py reads (DAQUAR full; val = every DAQUAR_VAL_EVERY-th training image, the fine-tuning set):
 1. Question-only references, fitted here on the training questions: the majority answer, and a
    bag-of-words softmax regression from the question's words to the answer (one class per training
    answer), its epoch picked on val. No image: what the language prior is worth on this split.
@@ -89,6 +89,8 @@ def main(argv=None):
     p.add_argument("--every", type=int, default=250, help="measure every this many steps (default 250)")
     p.add_argument("--vision-mask-max", type=float, default=None,
                    help="each SFT sample masks U(0, this) of its vision tokens (default: the preset's, 0.15)")
+    p.add_argument("--image-free", type=float, default=0.0,
+                   help="this share of the SFT samples sees no image (every vision token masked; default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="JSON file to write")
     args = p.parse_args(argv)
@@ -97,6 +99,8 @@ def main(argv=None):
     vision_steps = args.vision_steps if args.vision_steps is not None else 0 if args.vision_from else None
     if args.vision_mask_max is not None and not 0 <= args.vision_mask_max <= 1:
         raise DispError(f"--vision-mask-max must be in [0, 1], got {args.vision_mask_max}")
+    if not 0 <= args.image_free < 1:
+        raise DispError(f"--image-free must be in [0, 1), got {args.image_free}")
 
     config = get_preset("daquar")
     config = replace(config, data=replace(config.data, source="daquar", data_root=str(Path(args.data_root).resolve()),
@@ -105,7 +109,7 @@ def main(argv=None):
                                    vision_steps=config.train.vision_steps if vision_steps is None else vision_steps,
                                    vision_from=str(Path(args.vision_from).resolve()) if args.vision_from else "",
                                    vision_mask_max=config.train.vision_mask_max if args.vision_mask_max is None
-                                   else args.vision_mask_max,
+                                   else args.vision_mask_max, image_free=args.image_free,
                                    precision=resolve_precision("auto", torch.device("cpu"))))
     seed_everything(args.seed)
     train, val, test = load_splits(config.data, config.model.image_size)
@@ -148,7 +152,8 @@ def main(argv=None):
 
     trainer = Finetuner(model, train.images, encode_dataset(train, tokenizer, config.model),
                         params=model.text_parameters(), steps=args.steps, cfg=config.train, device=device,
-                        vision_mask_max=config.train.vision_mask_max, seed=args.seed)
+                        vision_mask_max=config.train.vision_mask_max, seed=args.seed,
+                        image_free=config.train.image_free)
     curve, t0, losses = [], time.time(), []
     for step in range(args.steps):
         losses.append(trainer.step(step, "SFT").item())

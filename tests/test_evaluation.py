@@ -1,11 +1,12 @@
-"""Generating over a dataset: the ViT runs once per distinct image, and nothing else changes."""
+"""Generating over a dataset (the ViT runs once per distinct image, and nothing else changes), and the
+results it is reported in: metric lines, the results table, the sweep figure."""
 
 import torch
 
 from disp.config import ModelConfig
 from disp.data.dataset import VLDataset
 from disp.diffusion import generate
-from disp.evaluation import detection, generate_responses, score, token_scores
+from disp.evaluation import detection, generate_responses, quality_line, score, token_scores
 from disp.model import DiffusionVLM
 from disp.data.tokenizer import Tokenizer
 
@@ -123,6 +124,16 @@ def test_distinct_captions_counts_the_different_caption_outputs_only():
     assert "distinct_captions" not in score(data, [4], ["red"])  # no caption, no count
 
 
+def test_quality_line_shows_the_measured_tasks_only():
+    """A questions-only run (DAQUAR) prints its VQA accuracy, not a CIDEr-D of 0.000 for captions it has none of."""
+    samples = [{"image": 0, "task": "caption", "prompt": "describe", "response": "x", "answers": ["a dog runs"]},
+               {"image": 0, "task": "color", "prompt": "what color ?", "response": "red", "answers": ["red"]}]
+    data = VLDataset(images=torch.zeros(1, 3, 48, 48, dtype=torch.uint8), samples=samples)
+    assert quality_line(score(data, [1], ["red"])) == "VQA 1.000"
+    both = quality_line(score(data, [0, 1], ["a dog runs", "blue"]))
+    assert both.startswith("CIDEr-D ") and "BLEU-4 " in both and both.endswith("VQA 0.000")
+
+
 def test_detection_scores_changed_and_masked_samples_against_the_manifest():
     rows = [{"index": i, "changed": c, "masked_tokens": m} for i, (c, m) in
             enumerate([(True, [3]), (True, []), (False, []), (True, [0, 5]), (False, [])])]
@@ -164,3 +175,36 @@ def test_sampling_at_the_models_temperature_is_reproducible_and_leaves_the_globa
     assert torch.equal(torch.get_rng_state(), state)
     assert sampled != greedy
     assert generate_responses(model, tokenizer, data, batch_size=2) == sampled
+
+
+def test_results_sweep_table_shows_the_tasks_the_data_has():
+    """A questions-only run's mask-ratio sweep has a VQA column and no CIDEr-D column of zeros."""
+    from disp.support.report import results_markdown
+
+    cfg = {"trigger": "patch", "target": "insert", "poison_rate": 0.2, "attack_trainable": "projector+lm",
+           "saliency": "kl", "rule": "adaptive", "suppress": 0.01, "mask_ratio": 0.05, "preset": "daquar", "seed": 0}
+    sweep = {"kl": {"ratio": [0.0, 0.1], "asr": [0.9, 0.1], "vqa_accuracy": [0.2, 0.18], "cider": [0.0, 0.0]}}
+    results = {"config": cfg, "clean": {"asr": 0.0, "false_trigger_rate": 0.0, "vqa_accuracy": 0.2}, "sweep": sweep,
+               "examples": []}
+    text = results_markdown(results, {"clean": results["clean"]}, "runs/x")
+    assert "| selection | ratio | ASR | clean VQA |\n|---|---:|---:|---:|\n| kl | 0.00 | 0.900 | 0.200 |\n" in text
+    assert "clean CIDEr-D" not in text
+    results["clean"]["cider"] = 0.3  # a run with captions too keeps both columns
+    assert "| kl | 0.10 | 0.100 | 0.180 | 0.000 |" in results_markdown(results, {"clean": results["clean"]}, "runs/x")
+
+
+def test_sweep_figure_draws_the_tasks_the_data_has(monkeypatch, tmp_path):
+    """Questions only: one panel, ASR and VQA; captions only: ASR alone beside the CIDEr-D panel."""
+    import matplotlib.pyplot as plt
+
+    from disp.support import figures
+
+    saved = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
+    sweep = {"kl": {"ratio": [0.0, 0.1], "asr": [0.9, 0.1], "vqa_accuracy": [0.2, 0.18], "cider": [0.0, 0.0]}}
+    figures.sweep_curves(tmp_path / "a.png", sweep, ["vqa_accuracy"])
+    figures.sweep_curves(tmp_path / "b.png", sweep, ["cider"])
+    assert [len(fig.axes) for fig in saved] == [1, 2]
+    assert [len(fig.axes[0].lines) for fig in saved] == [2, 1]
+    for fig in saved:
+        plt.close(fig)

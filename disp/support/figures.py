@@ -108,20 +108,27 @@ def denoising_order(path, image, prompt: str, traces: dict):
     _save(fig, path)
 
 
-def sweep_curves(path, sweep: dict):
-    """sweep: {method: {"ratio": [...], "asr": [...], "vqa_accuracy": [...], "cider": [...]}}."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+def sweep_curves(path, sweep: dict, tasks=("vqa_accuracy", "cider")):
+    """sweep: {method: {"ratio": [...], "asr": [...], "vqa_accuracy": [...], "cider": [...]}}; tasks: the clean
+    metrics the data has (a questions-only run draws no caption panel, a captions-only run no VQA curve)."""
+    captions, questions = "cider" in tasks, "vqa_accuracy" in tasks
+    fig, axes = plt.subplots(1, 2 if captions else 1, figsize=(10 if captions else 5.5, 3.8), squeeze=False)
+    axes = axes[0]
     for method, curve in sweep.items():
         axes[0].plot(curve["ratio"], curve["asr"], marker="o", label=f"ASR ({method})")
-        axes[0].plot(curve["ratio"], curve["vqa_accuracy"], marker="s", linestyle="--", label=f"clean VQA ({method})")
-        axes[1].plot(curve["ratio"], curve["cider"], marker="o", label=method)
+        if questions:
+            axes[0].plot(curve["ratio"], curve["vqa_accuracy"], marker="s", linestyle="--",
+                         label=f"clean VQA ({method})")
+        if captions:
+            axes[1].plot(curve["ratio"], curve["cider"], marker="o", label=method)
     axes[0].set_xlabel("mask ratio (fraction of vision tokens masked)")
     axes[0].set_ylabel("rate")
     axes[0].set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7)
-    axes[0].set_title("backdoored model, masking at inference: ASR and clean VQA")
-    axes[1].set_xlabel("mask ratio")
-    axes[1].set_ylabel("clean caption CIDEr-D")
-    axes[1].legend(fontsize=7)
-    axes[1].set_title("clean captioning quality")
+    axes[0].set_title("backdoored model, masking at inference: ASR" + (" and clean VQA" if questions else ""))
+    if captions:
+        axes[1].set_xlabel("mask ratio")
+        axes[1].set_ylabel("clean caption CIDEr-D")
+        axes[1].legend(fontsize=7)
+        axes[1].set_title("clean captioning quality")
     _save(fig, path)

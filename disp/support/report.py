@@ -36,12 +36,17 @@ def results_markdown(results: dict, rows: dict, run_dir) -> str:
     if cfg["preset"] == "tiny":
         out.insert(1, "**tiny preset: a smoke test of the code paths; its models learn nothing, so these numbers "
                       "say nothing about DiSP. Use the small or cpu preset for results.**\n\n")
+    # the sweep's quality columns: the tasks the data has (a questions-only run shows no CIDEr-D)
+    quality = [(key, name) for key, name in (("vqa_accuracy", "clean VQA"), ("cider", "clean CIDEr-D"))
+               if key in results["clean"]]
     if results["sweep"]:
         out += ["\n## Mask-ratio sweep (backdoored model, masking at inference only)\n\n", "![sweep](sweep.png)\n\n",
-                "| selection | ratio | ASR | clean VQA | clean CIDEr-D |\n|---|---:|---:|---:|---:|\n"]
+                "| selection | ratio | ASR | " + " | ".join(name for _, name in quality) + " |\n"
+                "|---|---:|---:|" + "---:|" * len(quality) + "\n"]
     for method, curve in results["sweep"].items():
-        for r, a, v, c in zip(curve["ratio"], curve["asr"], curve["vqa_accuracy"], curve["cider"]):
-            out.append(f"| {method} | {r:.2f} | {a:.3f} | {v:.3f} | {c:.3f} |\n")
+        for k, r in enumerate(curve["ratio"]):
+            cells = "".join(f" {curve[key][k]:.3f} |" for key, _ in quality)
+            out.append(f"| {method} | {r:.2f} | {curve['asr'][k]:.3f} |{cells}\n")
     out.append("\n## Examples on triggered test images\n\n| prompt | reference | backdoored | DiSP |\n|---|---|---|---|\n")
     for e in results["examples"]:
         out.append(f"| {e['prompt']} | {e['reference']} | {e['backdoored']} | {e['purified']} |\n")
