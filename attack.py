@@ -150,8 +150,8 @@ def asr_curve(model, tokenizer, test, attack: AttackConfig, steps_per_epoch: int
         quality = {k: m[k] for k in ("cider", "vqa_accuracy") if k in m}
         curve.append({"epoch": step // steps_per_epoch, "asr": m["asr"], "false_trigger_rate": m["false_trigger_rate"],
                       **quality})
-        print(f"\nepoch {curve[-1]['epoch']}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}"
-              + "".join(f"  {k} {v:.3f}" for k, v in quality.items()))
+        print(f"\nepoch {curve[-1]['epoch']}: ASR {m['asr']:.3f}  false trigger {m['false_trigger_rate']:.3f}  "
+              f"{quality_line(quality)}")
     return measure, curve
 
 

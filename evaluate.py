@@ -156,8 +156,7 @@ def main(argv=None):
         files.save_text(run_dir / "results.md", markdown)
         files.save_text(run_dir / "captions_clean.jsonl", "".join(json.dumps(c) + "\n" for c in captions))
         if results["sweep"]:
-            sweep_curves(run_dir / "sweep.png", results["sweep"],
-                         [key for key in ("vqa_accuracy", "cider") if key in results["clean"]])
+            sweep_curves(run_dir / "sweep.png", results["sweep"])
         if args.figures and outputs["backdoored"]:
             draw_examples(run_dir, args.figures, held_out, models, settings, thresholds, clean_outputs, outputs)
         if args.figures:

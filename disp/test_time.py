@@ -57,12 +57,13 @@ def training_thresholds(held_out, backdoored, method, settings, poisoned_train, 
 
 
 def ratio_sweep(held_out, backdoored, s_clean, s_trig, ratios: list, limit: int) -> dict:
-    """{"ratio", "asr", "vqa_accuracy", "cider": one value per ratio}: the top `ratio` of each sample's
-    tokens by the given scores masked."""
-    curve = {"ratio": list(ratios), "asr": [], "vqa_accuracy": [], "cider": []}
+    """{"ratio", "asr", and "vqa_accuracy" / "cider" where the data has questions / captions: one value
+    per ratio}: the top `ratio` of each sample's tokens by the given scores masked."""
+    curve = {"ratio": list(ratios), "asr": []}
     for r in ratios:
         m = held_out.measure(backdoored, limit, clean_masks=select_top_ratio(s_clean, r),
                              triggered_masks=select_top_ratio(s_trig, r))[0]
         for k in ("asr", "vqa_accuracy", "cider"):
-            curve[k].append(m.get(k, 0.0))
+            if k in m:
+                curve.setdefault(k, []).append(m[k])
     return curve

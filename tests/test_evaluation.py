@@ -183,14 +183,14 @@ def test_results_sweep_table_shows_the_tasks_the_data_has():
 
     cfg = {"trigger": "patch", "target": "insert", "poison_rate": 0.2, "attack_trainable": "projector+lm",
            "saliency": "kl", "rule": "adaptive", "suppress": 0.01, "mask_ratio": 0.05, "preset": "daquar", "seed": 0}
-    sweep = {"kl": {"ratio": [0.0, 0.1], "asr": [0.9, 0.1], "vqa_accuracy": [0.2, 0.18], "cider": [0.0, 0.0]}}
+    sweep = {"kl": {"ratio": [0.0, 0.1], "asr": [0.9, 0.1], "vqa_accuracy": [0.2, 0.18]}}
     results = {"config": cfg, "clean": {"asr": 0.0, "false_trigger_rate": 0.0, "vqa_accuracy": 0.2}, "sweep": sweep,
                "examples": []}
     text = results_markdown(results, {"clean": results["clean"]}, "runs/x")
     assert "| selection | ratio | ASR | clean VQA |\n|---|---:|---:|---:|\n| kl | 0.00 | 0.900 | 0.200 |\n" in text
     assert "clean CIDEr-D" not in text
-    results["clean"]["cider"] = 0.3  # a run with captions too keeps both columns
-    assert "| kl | 0.10 | 0.100 | 0.180 | 0.000 |" in results_markdown(results, {"clean": results["clean"]}, "runs/x")
+    sweep["kl"]["cider"] = [0.3, 0.25]  # a run with captions too keeps both columns
+    assert "| kl | 0.10 | 0.100 | 0.180 | 0.250 |" in results_markdown(results, {"clean": results["clean"]}, "runs/x")
 
 
 def test_sweep_figure_draws_the_tasks_the_data_has(monkeypatch, tmp_path):
@@ -201,10 +201,23 @@ def test_sweep_figure_draws_the_tasks_the_data_has(monkeypatch, tmp_path):
 
     saved = []
     monkeypatch.setattr(figures, "_save", lambda fig, path: saved.append(fig))
-    sweep = {"kl": {"ratio": [0.0, 0.1], "asr": [0.9, 0.1], "vqa_accuracy": [0.2, 0.18], "cider": [0.0, 0.0]}}
-    figures.sweep_curves(tmp_path / "a.png", sweep, ["vqa_accuracy"])
-    figures.sweep_curves(tmp_path / "b.png", sweep, ["cider"])
+    curve = {"ratio": [0.0, 0.1], "asr": [0.9, 0.1]}
+    figures.sweep_curves(tmp_path / "a.png", {"kl": {**curve, "vqa_accuracy": [0.2, 0.1]}})
+    figures.sweep_curves(tmp_path / "b.png", {"kl": {**curve, "cider": [0.3, 0.2]}})
     assert [len(fig.axes) for fig in saved] == [1, 2]
     assert [len(fig.axes[0].lines) for fig in saved] == [2, 1]
     for fig in saved:
         plt.close(fig)
+
+
+def test_the_mask_ratio_sweep_records_only_the_tasks_measured():
+    """On questions-only data the sweep holds VQA accuracy and no CIDEr-D column of zeros."""
+    from disp.test_time import ratio_sweep
+
+    class QuestionsOnly:  # HeldOutSet.measure's first row, as on DAQUAR: no caption metrics
+        def measure(self, model, limit, clean_masks, triggered_masks):
+            return [{"asr": 1.0 - clean_masks.float().mean().item(), "false_trigger_rate": 0.0, "vqa_accuracy": 0.2}]
+
+    scores = torch.rand(3, 10)
+    curve = ratio_sweep(QuestionsOnly(), None, scores, scores, [0.0, 0.5], 3)
+    assert curve == {"ratio": [0.0, 0.5], "asr": [1.0, 0.5], "vqa_accuracy": [0.2, 0.2]}

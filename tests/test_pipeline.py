@@ -55,7 +55,7 @@ def test_results_json_has_the_keys_in_range(tiny_pipeline):
     # ...and equals the unmasked evaluation of the backdoored model (the tiny test set is smaller than
     # --ablation-samples, so the sweep and the main rows see the same samples)
     for key in ("asr", "vqa_accuracy", "cider"):
-        assert sweep["kl"][key][0] == results["backdoored"].get(key, 0.0), key
+        assert sweep["kl"][key][0] == results["backdoored"][key], key
 
 
 def test_the_clean_models_captions_are_written_and_counted(tiny_pipeline):

@@ -108,10 +108,11 @@ def denoising_order(path, image, prompt: str, traces: dict):
     _save(fig, path)
 
 
-def sweep_curves(path, sweep: dict, tasks=("vqa_accuracy", "cider")):
-    """sweep: {method: {"ratio": [...], "asr": [...], "vqa_accuracy": [...], "cider": [...]}}; tasks: the clean
-    metrics the data has (a questions-only run draws no caption panel, a captions-only run no VQA curve)."""
-    captions, questions = "cider" in tasks, "vqa_accuracy" in tasks
+def sweep_curves(path, sweep: dict):
+    """sweep: {method: {"ratio": [...], "asr": [...], and "vqa_accuracy" / "cider" where the data has
+    questions / captions}} (a questions-only run draws no caption panel, a captions-only run no VQA curve)."""
+    first = next(iter(sweep.values()))
+    captions, questions = "cider" in first, "vqa_accuracy" in first
     fig, axes = plt.subplots(1, 2 if captions else 1, figsize=(10 if captions else 5.5, 3.8), squeeze=False)
     axes = axes[0]
     for method, curve in sweep.items():

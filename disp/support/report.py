@@ -36,10 +36,10 @@ def results_markdown(results: dict, rows: dict, run_dir) -> str:
     if cfg["preset"] == "tiny":
         out.insert(1, "**tiny preset: a smoke test of the code paths; its models learn nothing, so these numbers "
                       "say nothing about DiSP. Use the small or cpu preset for results.**\n\n")
-    # the sweep's quality columns: the tasks the data has (a questions-only run shows no CIDEr-D)
-    quality = [(key, name) for key, name in (("vqa_accuracy", "clean VQA"), ("cider", "clean CIDEr-D"))
-               if key in results["clean"]]
     if results["sweep"]:
+        # the quality columns the sweep measured: the tasks the data has (no CIDEr-D on questions only)
+        quality = [(key, name) for key, name in (("vqa_accuracy", "clean VQA"), ("cider", "clean CIDEr-D"))
+                   if key in next(iter(results["sweep"].values()))]
         out += ["\n## Mask-ratio sweep (backdoored model, masking at inference only)\n\n", "![sweep](sweep.png)\n\n",
                 "| selection | ratio | ASR | " + " | ".join(name for _, name in quality) + " |\n"
                 "|---|---:|---:|" + "---:|" * len(quality) + "\n"]
