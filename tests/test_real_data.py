@@ -208,3 +208,29 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
         assert [key.split()[-2:] for key in rows] == [["guidance=0.0", "temperature=0.0"],
                                                       ["guidance=0.3", "temperature=0.0"]]
         assert all(r["seconds"] > 0 and 0 <= r["cider"] and 1 <= r["distinct_captions"] for r in rows.values())
+
+
+def test_the_daquar_probe_reads_the_image_where_the_answer_is_in_it():
+    """experiments/daquar.py's regression: where one question's answer is the image's colour, the
+    question alone is at chance and the cell colours give it; question kinds by their opening."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    from daquar import bag_of_words_baseline, cell_colours, question_kind
+
+    from disp.data.dataset import VLDataset
+
+    def colour_set(n, seed):
+        g = torch.Generator().manual_seed(seed)
+        red = torch.rand(n, generator=g) < 0.5
+        images = torch.zeros(n, 3, 8, 8, dtype=torch.uint8)
+        images[red, 0], images[~red, 1] = 200, 200
+        samples = [{"image": i, "prompt": "what colour is the wall ?", "response": "red" if r else "green",
+                    "answers": ["red" if r else "green"]} for i, r in enumerate(red.tolist())]
+        return VLDataset(images, samples)
+
+    train, val, test = colour_set(200, 0), colour_set(100, 1), colour_set(100, 2)
+    question_only = bag_of_words_baseline(train, val, test)
+    with_image = bag_of_words_baseline(train, val, test, cell_colours)
+    assert question_only[2] <= 0.65 and with_image[2] == 1.0 and with_image[3] == {"colour": 1.0}
+    assert [question_kind(q) for q in ("how many chairs ?", "what color is it ?", "what is on the bed ?")] == \
+        ["count", "colour", "other"]
