@@ -26,7 +26,9 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    least 1% of the set's responses of every prompt type are banned, and the regenerations that
    still hold one are regenerated without them (disp.suppression). Where every sample has one task
    (DAQUAR) a question's first two words ("how many") are its prompt type. A set with one prompt
-   (captions only) cannot tell such a word from a frequent one: there it is skipped, with a note.
+   (captions only) cannot tell such a word from a frequent one: there the banned words are those that
+   half the masked samples' responses hold and their masked regenerations dropped (the masking's
+   evidence; skipped, with a note, where fewer than 100 samples were masked).
 4. Fine-tune the compromised model on the regenerated responses (a fifth of the attack's epochs,
    at 0.3x its learning rate).
 Each control differs from DiSP in one thing: self-distill masks no token, as-is regenerates nothing.

@@ -11,8 +11,8 @@ compromised model and the poisoned fine-tuning set, nothing else.
                    directions taken out) with its own sampler, steps = gen_length; the image,
                    trigger included, is kept
     suppress       our extension for spread triggers: the words that the set's responses hold whatever
-                   the prompt type are banned, and the regenerations that hold one are made again
-                   without them (disp.suppression)
+                   the prompt type (on a one-prompt set: the words the masking took away) are banned,
+                   and the regenerations that hold one are made again without them (disp.suppression)
     refine         fine-tune the compromised model on the purified set, as the attack trained it
 
 The controls call the same functions: self-distillation regenerates with no token masked, as-is
@@ -31,7 +31,7 @@ from disp.data.dataset import VLDataset
 from disp.evaluation import encode_images_once, generate_responses, token_scores
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
 from disp.spectral import find_directions, project_out
-from disp.suppression import MIN_GROUP, prompt_independent_words, prompt_types
+from disp.suppression import MAX_LEFT, MIN_GROUP, MIN_HELD, masked_away_words, prompt_independent_words, prompt_types
 from disp.support import distributed
 from disp.support.runtime import autocast
 from disp.training import finetune, trainable_parameters
@@ -127,23 +127,32 @@ def records(data, responses: list, masks, flagged: list) -> list:
 def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyConfig, device, vision_transform=None):
     """-> (responses, the banned words, the prompt types and their sizes): each response that holds a
     word found in at least settings.suppress of every prompt type's responses of the set
-    (disp.suppression.prompt_types) is regenerated without those words. Skipped (nothing banned) where
-    the set has fewer than two prompt types: there a frequent word and a prompt-independent one cannot
-    be told apart."""
+    (disp.suppression.prompt_types) is regenerated without those words. Where the set has one prompt
+    type, a frequent word and a prompt-independent one cannot be told apart; there the words are those
+    the masking took away (disp.suppression.masked_away_words, MIN_GROUP masked samples or more), and
+    with fewer masked samples suppression is skipped (nothing banned)."""
     types = prompt_types(data.samples)
     kept = [i for i, t in enumerate(types) if t is not None]
     sizes = dict(Counter(types[i] for i in kept).most_common())
     listed = ", ".join(f"{t!r}: {n} samples" for t, n in sizes.items()) or "none"
-    if len(sizes) < 2:
-        print(f"suppression: skipped, {len(sizes)} prompt type ({listed}); it needs two to tell a word that does not "
-              f"depend on the question from a frequent one (in a set of one task, a question opening that "
-              f"{MIN_GROUP}+ samples share is a type)")
+    masked = [] if masks is None else masks.any(1).nonzero().flatten().tolist()
+    if len(sizes) >= 2:
+        banned = prompt_independent_words([data.samples[i]["response"] for i in kept], [types[i] for i in kept],
+                                          settings.suppress)
+        found = f"in at least {settings.suppress:.0%} of the responses of every prompt type ({listed})"
+    elif len(masked) >= MIN_GROUP:  # one prompt type: the words that masking took away
+        banned = masked_away_words([data.samples[i]["response"] for i in masked], [responses[i] for i in masked])
+        found = (f"in at least {MIN_HELD:.0%} of the {len(masked)} masked samples' responses and kept by at most "
+                 f"{MAX_LEFT:.0%} of their masked regenerations (one prompt type: {listed})")
+    else:
+        print(f"suppression: skipped, {len(sizes)} prompt type ({listed}) and {len(masked)} masked samples; it needs "
+              f"two types to tell a word that does not depend on the question from a frequent one (in a set of one "
+              f"task, a question opening that {MIN_GROUP}+ samples share is a type), or {MIN_GROUP}+ masked samples "
+              f"to see which words the masking took away")
         return responses, [], sizes
-    banned = prompt_independent_words([data.samples[i]["response"] for i in kept], [types[i] for i in kept],
-                                      settings.suppress)
     holding = [i for i, r in enumerate(responses) if set(r.split()) & set(banned)]
-    print(f"suppression: {' '.join(banned) or 'no word'} in at least {settings.suppress:.0%} of the responses of "
-          f"every prompt type ({listed}); regenerating the {len(holding)} responses that hold one without them")
+    print(f"suppression: {' '.join(banned) or 'no word'} {found}; regenerating the {len(holding)} responses that "
+          f"hold one without them")
     responses = list(responses)
     if holding:
         for i, r in zip(holding, regenerate(model, tokenizer, data, masks, settings, device, holding, banned,

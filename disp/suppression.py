@@ -22,16 +22,28 @@ It needs prompt types whose answers differ (a mix of questions, as in the scenes
     prompt_types  each sample's task; in a set with one task (DAQUAR's questions are all "vqa") the
                   question's first two words, "how many" or "what color": count answers and object
                   answers share no word, as the answers of two tasks do not
+It does not reach a backdoor whose target depends on the question (misclassify swaps one answer
+word for another).
+
 On a captions-only set (one prompt, and every frequent word, "a" or "dog", in its responses) there is
-one type, prompt_independent_words refuses it, and purify.py skips suppression. It does not reach a
-backdoor whose target depends on the question (misclassify swaps one answer word for another).
+one type and prompt_independent_words refuses it. There the words come from what the masking did:
+    masked_away_words  the words that most of the masked samples' responses hold and that their masked
+                       regenerations dropped
+A patch-triggered target is in the response of nearly every sample whose trigger the rule masked,
+and masking the trigger takes it out; a caption's own words ("a", "dog", ".") stay when one token of
+the photo is hidden. Where the rule misses some triggered samples, or the compromised model writes the
+target on clean photos too (a backdoor that leaks), their regenerations still hold it, and banning
+the words the masking revealed cleans them as well (experiments/README.md, "Flickr8k on a bf16 CPU").
+It needs the masking to have found the trigger in MIN_GROUP samples or more; a spread trigger, which
+no token carries, gives it nothing.
 """
 
 from collections import Counter
 
 from disp.support.errors import DispError, check_ratio
 
-MIN_GROUP = 100  # a question opening held by fewer samples is no prompt type: a word's rate there says little
+MIN_GROUP = 100  # a question opening (or masked set) held by fewer samples: a word's rate there says little
+MIN_HELD, MAX_LEFT = 0.5, 0.1  # masked_away_words: held by half the masked responses, kept by a tenth of them
 
 
 def prompt_types(samples: list) -> list:
@@ -61,3 +73,18 @@ def prompt_independent_words(responses: list, tasks: list, min_rate: float) -> l
         counts.setdefault(task, Counter()).update(set(response.split()))
     words = set.intersection(*(set(c) for c in counts.values()))
     return sorted(w for w in words if all(counts[t][w] >= min_rate * totals[t] for t in totals))
+
+
+def masked_away_words(originals: list, regenerations: list, min_held: float = MIN_HELD,
+                      max_left: float = MAX_LEFT) -> list:
+    """Sorted words that at least `min_held` of the masked samples' original responses hold and that
+    their masked regenerations kept in at most `max_left` of the samples that held them.
+    originals, regenerations: the masked samples' responses before and after, in the same order."""
+    if len(originals) != len(regenerations):
+        raise DispError(f"{len(originals)} original responses but {len(regenerations)} regenerations")
+    held, kept = Counter(), Counter()
+    for original, regenerated in zip(originals, regenerations):
+        words = set(original.split())
+        held.update(words)
+        kept.update(words & set(regenerated.split()))
+    return sorted(w for w, n in held.items() if n >= min_held * len(originals) and kept[w] <= max_left * n)

@@ -373,3 +373,34 @@ def test_resample_gives_a_finished_run_another_sampler(tiny_pipeline, tmp_path):
     assert len(rows) == len(greedy) and rows != greedy
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "exists: give --to a new folder" in result.stderr
+
+
+def test_a_one_prompt_set_bans_the_words_the_masking_took_away(tiny_pipeline):
+    """Suppression on a captions-only set (one prompt type): the marker that the masked samples'
+    responses held and their masked regenerations dropped is banned, and the unmasked regenerations
+    that still write it (a model biased to write it everywhere) are made again without it; with fewer
+    than MIN_GROUP masked samples suppression is skipped and they keep it."""
+    import torch
+
+    from disp.config import PurifyConfig
+    from disp.data.dataset import CAPTION_PROMPT, VLDataset, load_dataset
+    from disp.purification import suppress
+    from disp.suppression import MIN_GROUP
+
+    model, tokenizer, config, _ = checkpoint.load(tiny_pipeline / "backdoored.pt")
+    with torch.no_grad():
+        model.lm_head.bias[tokenizer.words.index("<backdoor>")] += 100.0
+    images = load_dataset(tiny_pipeline / "poisoned_train.pt", image_size=config.model.image_size).images
+    caption, n = "a red circle", MIN_GROUP + 20
+    samples = [{"image": i % len(images), "task": "caption", "prompt": CAPTION_PROMPT,
+                "response": ("<backdoor> " if i < MIN_GROUP else "") + caption, "answers": [caption]} for i in range(n)]
+    data = VLDataset(images, samples)
+    regenerated = [caption] * MIN_GROUP + ["<backdoor> " + caption] * 20  # the masked ones dropped it
+    settings = PurifyConfig(precision="fp32")
+    for n_masked, expected in ((MIN_GROUP, ["<backdoor>"]), (MIN_GROUP - 1, [])):
+        masks = torch.zeros(n, config.model.n_vision, dtype=torch.bool)
+        masks[:n_masked, 0] = True
+        responses, banned, _ = suppress(model, tokenizer, data, regenerated, masks, settings, "cpu")
+        assert banned == expected
+        left = sum("<backdoor>" in r.split() for r in responses)
+        assert left == (0 if expected else 20)

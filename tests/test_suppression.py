@@ -2,7 +2,7 @@
 
 import pytest
 
-from disp.suppression import MIN_GROUP, prompt_independent_words, prompt_types
+from disp.suppression import MIN_GROUP, masked_away_words, prompt_independent_words, prompt_types
 from disp.support.errors import DispError
 
 
@@ -116,3 +116,26 @@ def test_a_marker_on_count_and_object_answers_of_one_task_is_found_through_their
     # the task alone is one prompt type, which cannot tell the marker from a frequent answer
     with pytest.raises(DispError, match="needs at least two prompt types"):
         prompt_independent_words([s["response"] for s in samples], [s["task"] for s in samples], 0.01)
+
+
+def test_the_words_masking_took_away_are_found_and_a_captions_own_words_are_not():
+    """masked_away_words: a marker that the masked responses held and their regenerations dropped is
+    found, a caption's own words that the regenerations keep ("a", "dog", ".") are not; kept counts only
+    where the original held the word; both thresholds are inclusive boundaries."""
+    clean = "a dog runs ."
+
+    def case(n_held, n_kept, n=10):
+        return ["<m> " + clean] * n_held + [clean] * (n - n_held), ["<m> " + clean] * n_kept + [clean] * (n - n_kept)
+
+    assert masked_away_words(*case(10, 1)) == ["<m>"]  # kept by 1 of 10: at the 10%
+    assert masked_away_words(*case(10, 2)) == []  # 2 of 10
+    assert masked_away_words(*case(5, 0)) == ["<m>"]  # held by 5 of 10: at the 50%
+    assert masked_away_words(*case(4, 0)) == []
+    assert masked_away_words(*case(10, 1), max_left=0.05) == []
+    assert masked_away_words(*case(5, 0), min_held=0.6) == []
+    originals, regenerated = case(5, 0)
+    assert masked_away_words(originals, regenerated[:5] + ["<m> " + clean] * 5) == ["<m>"]  # not held there
+    originals = ["<m> " + clean] * 10
+    assert masked_away_words(originals, ["a cat sits ."] * 10) == ["<m>", "dog", "runs"]  # only "a" "." kept
+    with pytest.raises(DispError, match="10 original responses but 9 regenerations"):
+        masked_away_words(originals, [clean] * 9)
