@@ -13,9 +13,10 @@ On the split train.py reads (DAQUAR full; val = every DAQUAR_VAL_EVERY-th traini
    The same regression with the image appended: the mean colour of each cell of a 4 x 4 grid (raw
    pixels, no encoder), and the frozen ViT's tokens mean-pooled over the image and each quarter of
    it, each reduced to its top 4 and 32 principal components on the training images (standardised).
-   Each with its test accuracy per kind of question (count, colour, other). If the ViT's features lift the regression above the question
-   alone, the encoder carries what DAQUAR asks about and the SFT does not use it; if not, the
-   encoder is what falls short.
+   Each with its test accuracy per kind of question (count, colour, other). If the ViT's features
+   lift the regression above the question alone, the encoder carries what DAQUAR asks about and the
+   SFT does not use it; if not, the encoder is what falls short (experiments/README.md, "Is the
+   image worth anything to DAQUAR's questions?").
 2. How many test answers the model can write at all: every word in the vocabulary (no [UNK]) and
    within the response length.
 3. The SFT curve: the `daquar` preset's model, its ViT pretrained as train.py does (or taken from
