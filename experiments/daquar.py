@@ -114,37 +114,26 @@ def cell_colours(ds, grid: int = 4):
     return F.adaptive_avg_pool2d(images, grid).flatten(1)
 
 
-def leading_components(image_features, train, k: int):
-    """image_features reduced to its top k principal components on the training images: a probe with
-    fewer dimensions can learn less of each training room by heart."""
-    cache = {}
-
-    def features(ds):
-        if id(ds) not in cache:
-            cache[id(ds)] = image_features(ds)
-        return cache[id(ds)]
-
-    x = features(train)
-    mean = x.mean(0)
-    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
-    return lambda ds: (features(ds) - mean) @ v[:k].T
+def leading_components(features: dict, train, k: int):
+    """Each split's image features (features: {id(split): (N_images, F)}, computed once) reduced to
+    their top k principal components on the training images: a probe with fewer dimensions can learn
+    less of each training room by heart."""
+    mean = features[id(train)].mean(0)
+    _, _, v = torch.linalg.svd(features[id(train)] - mean, full_matrices=False)
+    return lambda ds: (features[id(ds)] - mean) @ v[:k].T
 
 
-def vit_features(model, device):
-    """dataset -> each image's frozen ViT tokens mean-pooled over each quarter of the image and over
-    the whole of it: (N_images, 5 * vit_dim), what the model's encoder hands the text side."""
-    side = model.cfg.image_size // model.cfg.patch_size
-
-    @torch.no_grad()
-    def features(ds):
-        out = []
-        for batch in ds.images.split(256):
-            tokens = model.vit(model.to_float(batch).to(device)).float()  # (B, side^2, vit_dim)
-            grid = tokens.view(len(batch), side, side, -1).permute(0, 3, 1, 2)
-            quarters = F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2).flatten(1)
-            out.append(torch.cat([tokens.mean(1), quarters], dim=1).cpu())
-        return torch.cat(out)
-    return features
+@torch.no_grad()
+def vit_features(model, ds, device):
+    """Each image's frozen ViT tokens mean-pooled over the whole image and over each quarter of it:
+    (N_images, 5 * vit_dim), what the model's encoder hands the text side."""
+    side, out = model.cfg.image_size // model.cfg.patch_size, []
+    for batch in ds.images.split(256):
+        tokens = model.vit(model.to_float(batch).to(device)).float()  # (B, side^2, vit_dim)
+        grid = tokens.view(len(batch), side, side, -1).permute(0, 3, 1, 2)
+        quarters = F.adaptive_avg_pool2d(grid, 2).flatten(2).transpose(1, 2).flatten(1)
+        out.append(torch.cat([tokens.mean(1), quarters], dim=1).cpu())
+    return torch.cat(out)
 
 
 PROBE_DIMS = (4, 32)  # the image probes' sizes: the features' top principal components on the training images
@@ -202,9 +191,10 @@ def main(argv=None):
                           "test": sum(vqa_accuracy(majority, s["answers"]) for s in test.samples) / len(test.samples)}
     print(f"question only: majority {majority!r} {result['majority']['test']:.3f}")
     show_regression(result, "bag_of_words", bag_of_words_baseline(train, val, test))
+    colours = {id(ds): cell_colours(ds) for ds in (train, val, test)}
     for k in PROBE_DIMS:
         show_regression(result, f"bag_of_words+cell_colours_{k}",
-                        bag_of_words_baseline(train, val, test, leading_components(cell_colours, train, k)))
+                        bag_of_words_baseline(train, val, test, leading_components(colours, train, k)))
 
     # --- 2. what the model can write -------------------------------------------------------------
     def writable(s):
@@ -224,9 +214,10 @@ def main(argv=None):
     print(vision_phase(model, train, tokenizer, config.train, device, source))
     result["vision_minutes"] = (time.time() - t0) / 60
     model.eval()
+    vit = {id(ds): vit_features(model, ds, device) for ds in (train, val, test)}
     for k in PROBE_DIMS:
-        show_regression(result, f"bag_of_words+vit_{k}", bag_of_words_baseline(
-            train, val, test, leading_components(vit_features(model, device), train, k)))
+        show_regression(result, f"bag_of_words+vit_{k}",
+                        bag_of_words_baseline(train, val, test, leading_components(vit, train, k)))
     write_json(Path(args.out), result)
     if args.steps == 0:
         return
