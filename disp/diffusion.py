@@ -43,15 +43,15 @@ def sft_loss(model, vision_tokens, prompt_ids, response_ids, generator=None, vis
 
 
 def add_gumbel_noise(logits, temperature: float, generator=None):
-    """Gumbel-max sampling as in LLaDA: argmax(exp(logits) / (-log u)^T) in float64.
-
-    float64 because low-precision Gumbel noise degrades the quality of the samples (LLaDA's note).
+    """Gumbel-max sampling as in LLaDA, whose argmax is that of exp(logits) / (-log u)^T, computed
+    as its logarithm, logits - T log(-log u): the same argmax without an exp and a power per
+    vocabulary entry (and no overflow). float64 because low-precision Gumbel noise degrades the
+    quality of the samples (LLaDA's note).
     """
     if temperature == 0:
         return logits
-    logits = logits.double()
     u = torch.rand(logits.shape, dtype=torch.float64, generator=generator, device=logits.device)
-    return logits.exp() / (-torch.log(u)) ** temperature
+    return logits.double() - temperature * torch.log(-torch.log(u))
 
 
 def num_transfer_tokens(block_mask, steps: int):

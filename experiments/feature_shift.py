@@ -5,12 +5,16 @@
 
 For a run directory after attack.py (backdoored.pt, poisoned_train.pt, poison_manifest.json), the
 backdoored model's vision tokens of every distinct image of the poisoned set (the tokens
-disp.spectral reads, here computed in fp32 on the CPU) in two forms: flattened (n_vision x dim per image, what --spectral uses) and
-mean-pooled over the image's tokens. For each form and each of the top --directions principal
-directions: its share of the variance, the ROC AUC of the projection for triggered vs clean images
-(the manifest's: ground truth the defence never sees) and the two-group valley of
-disp.saliency.valley_split (--spectral takes a direction when it is <= 0.25). Last row of each form:
-the direction of the two groups' mean difference, which only an oracle knows: how far the
+disp.spectral reads, here computed in fp32 on the CPU) in two forms: flattened (n_vision x dim per
+image, what --spectral uses) and mean-pooled over the image's tokens; and a third form after the
+text model, per prompt type with 50 or more distinct (image, prompt) rows, "response TYPE": the
+last layer's states at the response positions at the first denoising step, averaged over them
+(what the compromised model is about to write; spectral signatures look there in a classifier,
+at its penultimate layer). For each form and each of the top --directions principal directions:
+its share of the variance, the ROC AUC of the projection for triggered vs clean images (the
+manifest's: ground truth the defence never sees) and the two-group valley of
+disp.saliency.valley_split (--spectral takes a direction when it is <= 0.25). Last row of each
+form: the direction of the two groups' mean difference, which only an oracle knows: how far the
 triggered images sit from the clean ones along it (in clean standard deviations) and its share of
 the variance. Writes RUN_DIR/feature_shift.json.
 """
@@ -26,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp pa
 from disp.backdoor import check_manifest  # noqa: E402
 from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
-from disp.evaluation import encode_images_once  # noqa: E402
+from disp.evaluation import distinct_rows, encode_images_once  # noqa: E402
 from disp.saliency import two_groups, valley_split  # noqa: E402
 from disp.spectral import tail_sign, top_directions  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
@@ -84,11 +88,40 @@ def measure(run_dir: Path, k: int) -> dict:
     unique = image_index.unique()  # the rows of `tokens`, in order
     poisoned_images = {data.samples[i]["image"] for i in manifest["poisoned_indices"]}
     triggered = torch.tensor([int(i) in poisoned_images for i in unique])
-    tokens = tokens.double()
-    return {"run_dir": str(run_dir), "trigger": manifest["config"]["trigger"], "n_images": len(unique),
-            "n_triggered": int(triggered.sum()),
-            "flattened": describe(tokens.flatten(1), triggered, k),
-            "pooled": describe(tokens.mean(1), triggered, k)}
+    result = {"run_dir": str(run_dir), "trigger": manifest["config"]["trigger"], "n_images": len(unique),
+              "n_triggered": int(triggered.sum()),
+              "flattened": describe(tokens.double().flatten(1), triggered, k),
+              "pooled": describe(tokens.double().mean(1), triggered, k)}
+    # what the compromised text model is about to write: per distinct (image, prompt), per prompt type
+    encoded = encode_dataset(data, tokenizer, model.cfg)
+    firsts, _ = distinct_rows(encoded, list(range(len(data))))
+    states = response_states(model, tokens[row_of(unique, encoded.image_index[firsts])], encoded.prompt_ids[firsts])
+    tasks = [data.samples[i]["task"] for i in firsts]
+    on_trigger = torch.tensor([data.samples[i]["image"] in poisoned_images for i in firsts])
+    for task in sorted(set(tasks)):
+        keep = torch.tensor([t == task for t in tasks])
+        if keep.sum() >= 50 and 0 < on_trigger[keep].sum() < keep.sum():
+            result[f"response {task}"] = describe(states[keep].double(), on_trigger[keep], k)
+    return result
+
+
+def row_of(unique, image_index):
+    """The row of `unique` (sorted image indices) holding each of image_index."""
+    return torch.searchsorted(unique, image_index)
+
+
+def response_states(model, vision_tokens, prompt_ids, batch_size=256):
+    """(B, dim): the last layer's normalised states at the response positions, averaged over them, at
+    the first denoising step (the whole response [MASK]): what the model is about to write."""
+    out = []
+    for s in range(0, len(prompt_ids), batch_size):
+        cache = model.prefix(vision_tokens[s:s + batch_size], prompt_ids[s:s + batch_size])
+        response = torch.full((len(cache[0][0]), model.cfg.response_len), model.mask_id, dtype=torch.long)
+        x = model.tok_embed(response) + (model.pos_fixed + model.pos_embed)[-model.cfg.response_len:]
+        for block, context in zip(model.blocks, cache):
+            x, _, _ = block(x, context)
+        out.append(model.ln(x).mean(1))
+    return torch.cat(out)
 
 
 def main():
@@ -104,7 +137,7 @@ def main():
         print("| form | direction | variance share | AUC triggered vs clean | valley | upper group | Ashman's D | "
               "separation (clean SDs) |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")
-        for form in ("flattened", "pooled"):
+        for form in [f for f in result if isinstance(result[f], list)]:
             for r in result[form]:
                 sep = f"{r['separation']:.1f}" if "separation" in r else ""
                 print(f"| {form} | {r['direction']} | {r['variance_share']:.4f} | {r['auc']:.3f} | {r['valley']:.2f} | "

@@ -17,10 +17,13 @@ by CIDEr-D, BLEU-4 and the number of distinct captions, with the seconds the ViT
               Costs a second forward pass per step.
     temperature  each token drawn at this temperature (Gumbel noise, seeded: the same on every run);
               0 is greedy. train.py's --temperature stores the choice in clean.pt
+    per step  tokens committed at each denoising step (1, every stage's sampler: one model call per
+              token; 2 halves the calls)
 Writes --out (JSON) and prints a table.
 """
 
 import argparse
+import itertools
 import sys
 import time
 from dataclasses import replace
@@ -40,7 +43,7 @@ from disp.support.runtime import autocast  # noqa: E402
 
 
 def caption_quality(model, tokenizer, data, precision, block_length: int, guidance: float, temperature=0.0,
-                    batch_size=256) -> dict:
+                    per_step=1, batch_size=256) -> dict:
     encoded = encode_dataset(data, tokenizer, model.cfg)
     indices = [i for i, s in enumerate(data.samples) if s["task"] == "caption"]
     firsts, group = distinct_rows(encoded, indices)  # an image's captions share one prompt
@@ -50,7 +53,7 @@ def caption_quality(model, tokenizer, data, precision, block_length: int, guidan
         vision, row = encode_images_once(model, data, encoded.image_index[firsts], "cpu")
         for s in range(0, len(firsts), batch_size):
             n = model.cfg.response_len
-            ids = generate(model, None, encoded.prompt_ids[firsts[s:s + batch_size]], gen_length=n, steps=n,
+            ids = generate(model, None, encoded.prompt_ids[firsts[s:s + batch_size]], gen_length=n, steps=n // per_step,
                            block_length=block_length or n, vision_tokens=vision[row[s:s + batch_size]], guidance=guidance,
                            temperature=temperature, generator=generator)
             out += [tokenizer.decode(r) for r in ids]
@@ -76,15 +79,18 @@ def main(argv=None):
     p.add_argument("--guidance", default="0", help="guidance scales w (0: none), comma-separated")
     p.add_argument("--temperature", default="0",
                    help="sampling temperatures (0: greedy), comma-separated: the Gumbel noise on each token's choice")
+    p.add_argument("--per-step", default="1",
+                   help="tokens committed per denoising step, comma-separated (default 1: one step per token)")
     p.add_argument("--val-images", type=int, default=500, help="val images captioned (default 500)")
     p.add_argument("--split", default="val", choices=["val", "test"], help="val (default) | test (every test image)")
     p.add_argument("--out", default="runs/sampler.json", help="where the results go (JSON)")
     args = p.parse_args(argv)
     blocks, scales = numbers(args.blocks, int, "--blocks"), numbers(args.guidance, float, "--guidance")
     temperatures = numbers(args.temperature, float, "--temperature")
+    per_steps = numbers(args.per_step, int, "--per-step")
     check_positive("--val-images", args.val_images)
-    header = f"| checkpoint | block | guidance | temperature | {args.split} CIDEr-D | {args.split} BLEU-4 | distinct captions | seconds |"
-    results, lines = {}, [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    header = f"| checkpoint | block | guidance | temperature | tokens per step | {args.split} CIDEr-D | {args.split} BLEU-4 | distinct captions | seconds |"
+    results, lines = {}, [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for path in args.checkpoints.split(","):
         model, tokenizer, config, _ = checkpoint.load(Path(path), stages=["clean"])
         data = load_split(replace(config.data, val_images=args.val_images), config.model.image_size, args.split)
@@ -92,10 +98,12 @@ def main(argv=None):
             if block and config.model.response_len % block:
                 raise DispError(f"--blocks {block} does not divide {path}'s response length {config.model.response_len}")
             for w in scales:
-                for t in temperatures:
-                    r = caption_quality(model, tokenizer, data, config.train.precision, block, w, t)
-                    results[f"{path} {args.split} block={block} guidance={w} temperature={t}"] = r
-                    lines.append(f"| {path} | {block or 'all'} | {w} | {t} | {r['cider']:.3f} | {r['bleu4']:.3f} | "
+                for t, k in itertools.product(temperatures, per_steps):
+                    if not k or (block or config.model.response_len) % k:
+                        raise DispError(f"--per-step {k} must divide the block length {block or config.model.response_len}")
+                    r = caption_quality(model, tokenizer, data, config.train.precision, block, w, t, k)
+                    results[f"{path} {args.split} block={block} guidance={w} temperature={t} per_step={k}"] = r
+                    lines.append(f"| {path} | {block or 'all'} | {w} | {t} | {k} | {r['cider']:.3f} | {r['bleu4']:.3f} | "
                                  f"{r['distinct_captions']} | {r['seconds']:.1f} |")
                     print(lines[-1], flush=True)
     write_json(Path(args.out), results)

@@ -346,6 +346,23 @@ def test_feature_shift_measures_the_tiny_run(tiny_pipeline, tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --directions must be > 0, got 0"
 
 
+def test_spread_views_scores_each_view_of_the_tiny_run(tiny_pipeline, tmp_path):
+    """experiments/spread_views.py: one row per view, the oracle's without a false-trigger rate; a bad
+    width is one line."""
+    for name in ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json"):
+        shutil.copy(tiny_pipeline / name, tmp_path / name)
+    result = subprocess.run([sys.executable, "experiments/spread_views.py", str(tmp_path), "--blur", "1",
+                             "--top", "1,2", "--eval-samples", "20"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
+    views = json.loads((tmp_path / "spread_views.json").read_text())["views"]
+    assert list(views) == ["none", "blur 1", "top 1", "top 2", "shift"]
+    assert all(0 <= m["asr"] <= 1 for m in views.values()) and "false_trigger_rate" not in views["shift"]
+    assert "| shift |" in result.stdout
+    bad = subprocess.run([sys.executable, "experiments/spread_views.py", str(tmp_path), "--blur", "wide"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --blur takes comma-separated numbers such as 1,2, got 'wide'"
+
+
 def test_resample_gives_a_finished_run_another_sampler(tiny_pipeline, tmp_path):
     """experiments/resample.py: clean.pt and backdoored.pt copied with the stored temperature changed and
     the weights untouched; purify.py accepts the copy and regenerates with that sampler; an existing

@@ -201,12 +201,12 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     if source == "flickr":  # the sampler study on the same captioner: one row per setting, timed
         out = tmp_path / "sampler.json"
         result = subprocess.run([sys.executable, "experiments/sampler.py", "--checkpoints", f"{run}/clean.pt",
-                                 "--blocks", "0", "--guidance", "0,0.3", "--split", "test", "--out", str(out)],
-                                cwd=root, capture_output=True, text=True, timeout=600)
+                                 "--blocks", "0", "--guidance", "0,0.3", "--per-step", "1,2", "--split", "test",
+                                 "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
         rows = json.loads(out.read_text())
-        assert [key.split()[-2:] for key in rows] == [["guidance=0.0", "temperature=0.0"],
-                                                      ["guidance=0.3", "temperature=0.0"]]
+        assert [key.split()[-3:] for key in rows] == [[f"guidance={w}", "temperature=0.0", f"per_step={k}"]
+                                                      for w in (0.0, 0.3) for k in (1, 2)]
         assert all(r["seconds"] > 0 and 0 <= r["cider"] and 1 <= r["distinct_captions"] for r in rows.values())
 
 

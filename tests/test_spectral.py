@@ -1,13 +1,16 @@
 """Feature-space purification (disp.spectral) on synthetic vision tokens where the answer is known."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
 from disp import spectral
+from disp.saliency import first_step_logits
 from disp.spectral import find_directions, project_out, top_directions
+from tests.conftest import inputs, small_model
 
 
 def clean_tokens(n, generator, n_vision=16, dim=8):
@@ -98,3 +101,43 @@ def test_feature_shift_reports_a_planted_shift_that_overlaps_the_clean_images():
     top = rows[0]
     assert max(top["auc"], 1 - top["auc"]) > 0.85 and top["variance_share"] > 0.05
     assert sum(r["variance_share"] for r in rows[:3]) < 1
+
+
+def test_response_states_are_what_the_head_reads_at_the_first_step():
+    """feature_shift.py's "response" form: the normalised last-layer states at the response positions
+    with the whole response [MASK], averaged over them; the reference hooks model.ln in a plain forward."""
+    fs = load_feature_shift()
+    model = small_model()
+    images, prompts = inputs(batch=5)
+    with torch.no_grad():
+        tokens = model.encode_images(images)
+        seen = []
+        hook = model.ln.register_forward_hook(lambda module, args, out: seen.append(out))
+        first_step_logits(model, tokens, prompts)
+        hook.remove()
+        states = fs.response_states(model, tokens, prompts, batch_size=2)  # batches of 2: the split must not matter
+    assert states.shape == (5, model.cfg.dim)
+    assert torch.allclose(states, seen[0].mean(1), atol=1e-5)
+
+
+def test_the_blur_of_spread_views_is_a_gaussian_of_the_given_width():
+    """experiments/spread_views.py's low-pass view: a flat image is unchanged; white pixel noise keeps
+    1 / (2 sigma sqrt(pi)) of its spread; a grating of period P keeps exp(-2 pi^2 sigma^2 / P^2) of its
+    amplitude (SIG's 6 periods across 48 px: 0.73 at 1 px)."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / "spread_views.py"
+    spec = importlib.util.spec_from_file_location("spread_views", path)
+    sv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sv)
+    flat = torch.full((2, 3, 48, 48), 77, dtype=torch.uint8)
+    assert torch.equal(sv.blur(flat, 1.5), flat)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (1, 3, 96, 96), generator=g, dtype=torch.uint8)
+    blurred = sv.blur(noise, 1.0)
+    assert blurred.shape == noise.shape and blurred.dtype == torch.uint8
+    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # away from the mirrored edges
+    assert blurred[inner].float().std() / noise[inner].float().std() == pytest.approx(1 / (2 * math.pi ** 0.5), rel=0.1)
+    for sigma in (1.0, 2.0):
+        wave = 128 + 100 * torch.sin(torch.arange(48) * 2 * math.pi * 6 / 48)
+        grating = wave.round().to(torch.uint8).expand(1, 3, 48, 48).contiguous()
+        kept = sv.blur(grating, sigma)[inner].float().std() / grating[inner].float().std()
+        assert kept == pytest.approx(math.exp(-2 * math.pi ** 2 * sigma ** 2 / 8 ** 2), abs=0.03)
