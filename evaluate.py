@@ -2,6 +2,7 @@
 
     python evaluate.py                                   # runs/default
     python evaluate.py --run-dir runs/seed1 --skip-ablations
+    python evaluate.py --run-dir runs/flickr8k --ablations on   # public data: with the test-time defences
 
 Reads clean.pt, backdoored.pt, purified.pt (and the control_*.pt that exist) of a run directory,
 checks that they belong together (each checkpoint records the sha256 of the files it was made
@@ -9,7 +10,7 @@ from), and measures each on the held-out test set: ASR on triggered inputs, fals
 clean caption CIDEr-D / BLEU-4 and VQA accuracy; next to them two baselines of what the image is
 worth: the clean model with every vision token masked ("blind": its language prior alone) and, for
 VQA, the most frequent training answer given to every question. On the backdoored model it also
-tries masking at inference only (disp.test_time). With the attack's manifest, which the defence
+tries masking at inference only (disp.test_time; by default on the scenes only, --ablations). With the attack's manifest, which the defence
 never reads, it scores what each purification did: how well "the response changed" finds the
 poisoned samples, and how many poisoned and clean samples had a token masked. Precision: the
 attack's unless --precision is given. Tables over several run directories:
@@ -17,7 +18,7 @@ experiments/compare_runs.py. Writes, in the run directory:
     results.json   every number above, with the settings
     results.md     the same as tables, with example outputs
     captions_clean.jsonl  every test caption of the clean model: image, references, output
-    sweep.png      ASR and clean quality against the mask ratio (not with --skip-ablations)
+    sweep.png      ASR and clean quality against the mask ratio (with the ablations: by default on the scenes)
     examples.png   test photos: reference, clean output; on the triggered photo the backdoored model's
                    saliency, the tokens DiSP masks, the backdoored and purified outputs (--figures > 0)
     denoising.png  the denoising order on one triggered test photo: which token the clean, backdoored,
@@ -52,7 +53,10 @@ KEYS = tuple(key for key, _ in COLUMNS)  # the table's columns
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/default", help="run directory (default: runs/default)")
-    p.add_argument("--skip-ablations", action="store_true", help="only the main rows (for attack variants)")
+    p.add_argument("--ablations", choices=["on", "off"], default=None,
+                   help="the test-time defences and the mask-ratio sweep (default: on for the scenes; off for public "
+                        "data, where they take minutes: 3.4 of the Flickr8k pipeline's 32 on a 2-core CPU)")
+    p.add_argument("--skip-ablations", action="store_true", help="only the main rows: --ablations off")
     p.add_argument("--figures", type=int, default=4,
                    help="samples per figure (0: no examples.png, denoising.png, purified_saliency.png)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cpu | cuda | mps")
@@ -64,6 +68,8 @@ def parse_args(argv=None):
     x.add_argument("--ablation-samples", type=int, default=200, help="test samples of the defences and the sweep")
     x.add_argument("--precision", default=None, help="auto | fp32 | bf16 (default: the attack's)")
     args = p.parse_args(argv)
+    if args.skip_ablations and args.ablations == "on":
+        raise DispError("--skip-ablations and --ablations on contradict each other; give one")
     check_ratio("--mask-ratio", args.mask_ratio)
     if args.eval_samples is not None:
         check_positive("--eval-samples", args.eval_samples)
@@ -132,7 +138,8 @@ def main(argv=None):
 
     # --- test-time defences on the backdoored model (no refinement) -------------------------------
     results["test_time_defences"], results["sweep"] = {}, {}
-    if not args.skip_ablations:
+    ablations = args.ablations or ("off" if args.skip_ablations or config.data.source != "scenes" else "on")
+    if ablations == "on":
         results["test_time_defences"], results["sweep"] = test_time.defences(
             held_out, backdoored, settings, poisoned_train, purify_scores, args.mask_ratio, args.sweep,
             args.ablation_samples)

@@ -172,7 +172,7 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     root = Path(__file__).resolve().parents[1]
     run = str(tmp_path / "run")
     for argv in (["train.py", "--preset", "tiny", "--data", source, "--data-root", str(SHARED / folder)],
-                 ["attack.py"], ["purify.py"], ["evaluate.py", "--skip-ablations", "--figures", "2"]):
+                 ["attack.py"], ["purify.py"], ["evaluate.py", "--figures", "2"]):  # public data: no ablations
         result = subprocess.run([sys.executable, *argv, "--run-dir", run], cwd=root, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -186,6 +186,7 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
     assert all(measured in results[row] for row in ("clean", "blind", "backdoored", "purified"))
     missing = "vqa_accuracy" if source == "flickr" else "cider"  # captions only / questions only
     assert missing not in results["clean"]
+    assert results["test_time_defences"] == {} and not (tmp_path / "run" / "sweep.png").exists()
     assert "| clean | 0.000 | 0.000 |" in (tmp_path / "run" / "results.md").read_text()  # ASR, false trigger
     assert "n/a" in (tmp_path / "run" / "results.md").read_text()  # the absent task is not shown as 0.000
     backdoor = checkpoint.load_state(tmp_path / "run" / "backdoored.pt")["extra"]["attack"]["backdoor"]

@@ -272,6 +272,8 @@ CASES = [
          "--mask-ratio must be in [0, 1], got 2.0"),
     Case("evaluate-sweep-ratio", "evaluate.py", ["--run-dir", "{run}", "--sweep", "0,1.5"],
          "sweep ratio must be in [0, 1], got 1.5"),
+    Case("evaluate-ablations-both-ways", "evaluate.py", ["--run-dir", "{run}", "--skip-ablations", "--ablations", "on"],
+         "--skip-ablations and --ablations on contradict each other; give one"),
     Case("evaluate-sweep-not-a-number", "evaluate.py", ["--run-dir", "{run}", "--sweep", "0,abc"],
          "--sweep must be comma-separated numbers in [0, 1], got '0,abc'"),
     # --- counts and rates that make no sense, refused before any work ---------------------------
