@@ -21,7 +21,9 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    flagged by `--spectral`).
    With `--spectral K` (our extension for spread triggers, off by default), also test the top K
    directions of the set's vision tokens for a minority group of images, and take the directions
-   that have one out of every image's vision tokens (disp.spectral).
+   that have one out of every image's vision tokens (disp.spectral). With `--blur S` (also ours,
+   off by default), every response is written from the image blurred by a Gaussian of S pixels,
+   which a spread grating does not survive (disp.lowpass).
 3. Suppression (our extension, on by default; `--suppress 0` turns it off): the words found in at
    least 1% of the set's responses of every prompt type are banned, and the regenerations that
    still hold one are regenerated without them (disp.suppression). Where every sample has one task
@@ -89,6 +91,9 @@ def parse_args(argv=None):
     x.add_argument("--spectral", type=int, default=None,
                    help="test the top K directions of the set's vision tokens for a minority group of images and take "
                         f"those that have one out before regeneration (default {d.spectral}: off)")
+    x.add_argument("--blur", type=float, default=None,
+                   help="regenerate from the images blurred by a Gaussian of this many pixels (default "
+                        f"{d.blur:g}: off)")
     x.add_argument("--epochs", type=int, default=None, help="refinement epochs (default: the attack's / 5)")
     x.add_argument("--lr", type=float, default=None, help="refinement learning rate (default: 0.3x the attack's)")
     x.add_argument("--batch-size", type=int, default=None, help=f"samples per scoring / generation batch (default {d.batch_size})")
@@ -101,7 +106,7 @@ def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
              "max_valley": args.max_valley, "max_masked": args.max_masked, "suppress": args.suppress,
-             "masking": args.masking, "regenerate": args.regenerate, "spectral": args.spectral,
+             "masking": args.masking, "regenerate": args.regenerate, "spectral": args.spectral, "blur": args.blur,
              "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
     return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()

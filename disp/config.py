@@ -301,6 +301,9 @@ class PurifyConfig:
     # extension: test the top `spectral` directions of the set's vision tokens for a minority group and
     # take the ones that have one out of the tokens before regeneration (disp.spectral; 0: off)
     spectral: int = 0
+    # extension: every response is regenerated from the image low-passed by a Gaussian of this many
+    # pixels (disp.lowpass; 0: off), which a spread grating does not survive
+    blur: float = 0.0
     epochs: int = 2  # refinement epochs (default: the attack's / 5)
     lr: float = 3e-4  # refinement learning rate (default: 0.3x the attack's)
     batch_size: int = 128  # samples per scoring / generation batch
@@ -329,6 +332,9 @@ class PurifyConfig:
         check_positive("--spectral", self.spectral, allow_zero=True)
         if self.spectral > 0 and self.control is not None:
             raise DispError("--spectral is DiSP's masking in feature space; the controls mask nothing (use --spectral 0)")
+        check_positive("--blur", self.blur, allow_zero=True)
+        if self.blur > 0 and self.control == "as-is":
+            raise DispError("--blur acts on regenerated responses; the control as-is regenerates none")
         check_ratio("--max-valley", self.max_valley)
         check_positive("--max-masked", self.max_masked)
         check_positive("--epochs", self.epochs)
@@ -341,8 +347,8 @@ class PurifyConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "PurifyConfig":
-        # files older than suppression or the spectral step: off; older than patch painting: token masking
-        d = {"suppress": 0.0, "spectral": 0, "masking": "token", **d}
+        # files older than suppression, the spectral step or --blur: off; older than patch painting: token masking
+        d = {"suppress": 0.0, "spectral": 0, "blur": 0.0, "masking": "token", **d}
         d.pop("min_gap", None)  # files older than the two-group rule (its gap test): read with today's rule
         return _from_dict(PurifyConfig, d, "purify")
 

@@ -8,8 +8,9 @@ compromised model and the poisoned fine-tuning set, nothing else.
                    tokens along which a minority of its images forms a group, to be taken out (disp.spectral)
     regenerate     the compromised model rewrites each response with those tokens masked, their
                    patches painted flat before the ViT unless --masking token (and those
-                   directions taken out) with its own sampler, steps = gen_length; the image,
-                   trigger included, is kept
+                   directions taken out; from the images low-passed by --blur S, our other
+                   extension, disp.lowpass) with its own sampler, steps = gen_length; the image,
+                   trigger included, is kept for refinement
     suppress       our extension for spread triggers: the words that the set's responses hold whatever
                    the prompt type (on a one-prompt set: the words the masking took away) are banned,
                    and the regenerations that hold one are made again without them (disp.suppression)
@@ -29,6 +30,7 @@ from disp.config import AttackConfig, PurifyConfig
 from disp.data.batching import encode_dataset
 from disp.data.dataset import VLDataset
 from disp.evaluation import encode_images_once, generate_responses, token_scores
+from disp.lowpass import blurred
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
 from disp.spectral import find_directions, project_out
 from disp.suppression import MAX_LEFT, MIN_GROUP, MIN_HELD, masked_away_words, prompt_independent_words, prompt_types
@@ -101,18 +103,19 @@ def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, in
 
 def new_responses(model, tokenizer, data, masks, flagged: list, settings: PurifyConfig, device, shift=None):
     """Steps 2 and 3 -> (responses, the banned words, suppression's prompt types and their sizes):
-    every response regenerated with `masks` and `shift` (--regenerate masked: only the samples with a
-    masked position or flagged by --spectral; the others keep theirs), then suppressed; the control
-    as-is keeps the set's responses."""
+    every response regenerated with `masks` and `shift`, from the blurred images with --blur
+    (--regenerate masked: only the samples with a masked position or flagged by --spectral; the others
+    keep theirs), then suppressed; the control as-is keeps the set's responses."""
     responses = [s["response"] for s in data.samples]
     if settings.control == "as-is":
         return responses, [], {}
+    source = blurred(data, settings.blur) if settings.blur else data  # --blur: written from low-passed images
     which = [i for i in range(len(data)) if settings.regenerate == "all" or masks[i].any() or flagged[i]]
-    for i, r in zip(which, regenerate(model, tokenizer, data, masks, settings, device, which, vision_transform=shift)):
+    for i, r in zip(which, regenerate(model, tokenizer, source, masks, settings, device, which, vision_transform=shift)):
         responses[i] = r
     if settings.suppress == 0:
         return responses, [], {}
-    return suppress(model, tokenizer, data, responses, masks, settings, device, shift)
+    return suppress(model, tokenizer, source, responses, masks, settings, device, shift)
 
 
 def records(data, responses: list, masks, flagged: list) -> list:

@@ -6,8 +6,8 @@ test inputs seen through a change that a defender could make before regeneration
 For a run directory after attack.py, each view is scored on the first --eval-samples test samples:
 ASR on the triggered inputs, false trigger and clean quality (CIDEr-D, VQA) on the clean ones.
     none       the inputs as they are (the attack's own numbers, on these samples)
-    blur S     every image low-passed before the ViT (a Gaussian of S pixels): blended noise is fine
-               grained, a SIG grating is not
+    blur S     every image low-passed before the ViT (disp.lowpass, a Gaussian of S pixels; what
+               purify.py --blur S regenerates from)
     top K      every image's vision tokens (flattened, as disp.spectral reads them) with the top K
                principal directions of the poisoned set's images set to the set's mean: what taking
                the leading directions out costs when no group along them can be found
@@ -23,36 +23,20 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
 from disp.backdoor import check_manifest, triggered_copy  # noqa: E402
 from disp.config import AttackConfig  # noqa: E402
-from disp.data.dataset import VLDataset, load_dataset  # noqa: E402
+from disp.data.dataset import load_dataset  # noqa: E402
 from disp.data.splits import load_split  # noqa: E402
 from disp.evaluation import backdoor_metrics, encode_images_once  # noqa: E402
+from disp.lowpass import blurred  # noqa: E402
 from disp.spectral import top_directions  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import DispError, check_positive, friendly_errors  # noqa: E402
 from disp.support.files import read_json, write_json  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
-
-
-def blur(images, sigma: float):
-    """(N, 3, H, W) uint8 images low-passed by a Gaussian of `sigma` pixels (separable, edges mirrored)."""
-    radius = max(1, round(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)  # (3, 1, 1, taps): one filter per colour
-    x = images.float() / 255
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel, groups=3)  # along rows
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.transpose(2, 3), groups=3)  # columns
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def with_images(data, images) -> VLDataset:
-    return VLDataset(images=images, samples=data.samples, patch_labels=data.patch_labels, meta=data.meta)
 
 
 def set_tokens(run_dir: Path, model, config):
@@ -95,7 +79,7 @@ def measure(run_dir: Path, sigmas: list, tops: list, limit: int) -> dict:
 
     rows = {"none": score(test, triggered)}
     for s in sigmas:
-        rows[f"blur {s:g}"] = score(with_images(test, blur(test.images, s)), with_images(triggered, blur(triggered.images, s)))
+        rows[f"blur {s:g}"] = score(blurred(test, s), blurred(triggered, s))
     for k in tops:
         rows[f"top {k}"] = score(test, triggered, without_top(k))
     unshifted = score(triggered, triggered, lambda t: (t.double() - shift).to(t.dtype))

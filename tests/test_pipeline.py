@@ -421,3 +421,23 @@ def test_a_one_prompt_set_bans_the_words_the_masking_took_away(tiny_pipeline):
         assert banned == expected
         left = sum("<backdoor>" in r.split() for r in responses)
         assert left == (0 if expected else 20)
+
+
+def test_blur_regenerates_every_response_from_the_low_passed_images(tiny_pipeline):
+    """purify.py --blur S: step 2 writes each response from the images blurred by S pixels (what
+    generate_responses writes from a blurred copy of the set), and from nothing else."""
+    import torch
+
+    from disp.config import PurifyConfig
+    from disp.data.dataset import load_dataset
+    from disp.evaluation import generate_responses
+    from disp.lowpass import blurred
+    from disp.purification import new_responses
+
+    model, tokenizer, config, _ = checkpoint.load(tiny_pipeline / "backdoored.pt")
+    data = load_dataset(tiny_pipeline / "poisoned_train.pt", image_size=config.model.image_size)
+    masks = torch.zeros(len(data), config.model.n_vision, dtype=torch.bool)
+    settings = PurifyConfig(blur=3.0, suppress=0.0, precision="fp32")
+    responses, _, _ = new_responses(model, tokenizer, data, masks, [False] * len(data), settings, "cpu")
+    assert responses == generate_responses(model, tokenizer, blurred(data, 3.0))
+    assert responses != generate_responses(model, tokenizer, data)  # the blur is seen

@@ -1,7 +1,6 @@
 """Feature-space purification (disp.spectral) on synthetic vision tokens where the answer is known."""
 
 import importlib.util
-import math
 from pathlib import Path
 
 import pytest
@@ -119,25 +118,3 @@ def test_response_states_are_what_the_head_reads_at_the_first_step():
     assert states.shape == (5, model.cfg.dim)
     assert torch.allclose(states, seen[0].mean(1), atol=1e-5)
 
-
-def test_the_blur_of_spread_views_is_a_gaussian_of_the_given_width():
-    """experiments/spread_views.py's low-pass view: a flat image is unchanged; white pixel noise keeps
-    1 / (2 sigma sqrt(pi)) of its spread; a grating of period P keeps exp(-2 pi^2 sigma^2 / P^2) of its
-    amplitude (SIG's 6 periods across 48 px: 0.73 at 1 px)."""
-    path = Path(__file__).resolve().parents[1] / "experiments" / "spread_views.py"
-    spec = importlib.util.spec_from_file_location("spread_views", path)
-    sv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sv)
-    flat = torch.full((2, 3, 48, 48), 77, dtype=torch.uint8)
-    assert torch.equal(sv.blur(flat, 1.5), flat)
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randint(0, 256, (1, 3, 96, 96), generator=g, dtype=torch.uint8)
-    blurred = sv.blur(noise, 1.0)
-    assert blurred.shape == noise.shape and blurred.dtype == torch.uint8
-    inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))  # away from the mirrored edges
-    assert blurred[inner].float().std() / noise[inner].float().std() == pytest.approx(1 / (2 * math.pi ** 0.5), rel=0.1)
-    for sigma in (1.0, 2.0):
-        wave = 128 + 100 * torch.sin(torch.arange(48) * 2 * math.pi * 6 / 48)
-        grating = wave.round().to(torch.uint8).expand(1, 3, 48, 48).contiguous()
-        kept = sv.blur(grating, sigma)[inner].float().std() / grating[inner].float().std()
-        assert kept == pytest.approx(math.exp(-2 * math.pi ** 2 * sigma ** 2 / 8 ** 2), abs=0.03)
