@@ -33,3 +33,12 @@ def test_noise_and_a_grating_keep_what_a_gaussian_of_that_width_keeps():
         for sigma in (1.0, 2.0):
             kept = blur(grating, sigma)[inner].float().std() / grating[inner].float().std()
             assert kept == pytest.approx(math.exp(-2 * math.pi ** 2 * sigma ** 2 / 8 ** 2), abs=0.03)
+
+
+def test_a_blur_wider_than_the_image_is_clamped_to_it():
+    """Mirrored padding cannot exceed the image: a Gaussian wider than it still gives an image of the
+    same size, nearly flat (not an error from inside torch)."""
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randint(0, 256, (1, 3, 16, 16), generator=g, dtype=torch.uint8)
+    wide = blur(noise, 50.0)
+    assert wide.shape == noise.shape and wide.float().std() < 0.2 * noise.float().std()
