@@ -10,10 +10,10 @@ from), and measures each on the held-out test set: ASR on triggered inputs, fals
 clean caption CIDEr-D / BLEU-4 and VQA accuracy; next to them two baselines of what the image is
 worth: the clean model with every vision token masked ("blind": its language prior alone) and, for
 VQA, the most frequent training answer given to every question. On the backdoored model it also
-tries masking at inference only (disp.test_time; by default on the scenes only, --ablations). With the attack's manifest, which the defence
-never reads, it scores what each purification did: how well "the response changed" finds the
-poisoned samples, and how many poisoned and clean samples had a token masked. Precision: the
-attack's unless --precision is given. Tables over several run directories:
+tries masking at inference only (disp.test_time; by default on the scenes only, --ablations). With
+the attack's manifest, which the defence never reads, it scores what each purification did: how
+well "the response changed" finds the poisoned samples, and how many poisoned and clean samples had
+a token masked. Precision: the attack's unless --precision is given. Tables over several run directories:
 experiments/compare_runs.py. Writes, in the run directory:
     results.json   every number above, with the settings
     results.md     the same as tables, with example outputs

@@ -423,21 +423,28 @@ def test_a_one_prompt_set_bans_the_words_the_masking_took_away(tiny_pipeline):
         assert left == (0 if expected else 20)
 
 
-def test_blur_regenerates_every_response_from_the_low_passed_images(tiny_pipeline):
-    """purify.py --blur S: step 2 writes each response from the images blurred by S pixels (what
-    generate_responses writes from a blurred copy of the set), and from nothing else."""
+def test_blur_regenerates_every_response_from_the_low_passed_images(tiny_pipeline, monkeypatch):
+    """purify.py --blur S: step 2 hands the compromised model the images blurred by S pixels (the
+    samples unchanged), and without --blur the images as they are."""
     import torch
 
+    from disp import purification
     from disp.config import PurifyConfig
     from disp.data.dataset import load_dataset
-    from disp.evaluation import generate_responses
-    from disp.lowpass import blurred
-    from disp.purification import new_responses
+    from disp.lowpass import blur
 
     model, tokenizer, config, _ = checkpoint.load(tiny_pipeline / "backdoored.pt")
     data = load_dataset(tiny_pipeline / "poisoned_train.pt", image_size=config.model.image_size)
     masks = torch.zeros(len(data), config.model.n_vision, dtype=torch.bool)
-    settings = PurifyConfig(blur=3.0, suppress=0.0, precision="fp32")
-    responses, _, _ = new_responses(model, tokenizer, data, masks, [False] * len(data), settings, "cpu")
-    assert responses == generate_responses(model, tokenizer, blurred(data, 3.0))
-    assert responses != generate_responses(model, tokenizer, data)  # the blur is seen
+    seen = []
+
+    def regenerate(model, tokenizer, source, *args, **kwargs):  # records what the model is shown
+        seen.append(source)
+        return [s["response"] for s in source.samples]
+    monkeypatch.setattr(purification, "regenerate", regenerate)
+    for sigma, expected in ((3.0, blur(data.images, 3.0)), (0.0, data.images)):
+        seen.clear()
+        settings = PurifyConfig(blur=sigma, suppress=0.0, precision="fp32")
+        purification.new_responses(model, tokenizer, data, masks, [False] * len(data), settings, "cpu")
+        assert len(seen) == 1 and torch.equal(seen[0].images, expected) and seen[0].samples == data.samples
+    assert not torch.equal(blur(data.images, 3.0), data.images)  # the blur is seen
