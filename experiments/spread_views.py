@@ -3,7 +3,8 @@ test inputs seen through a change that a defender could make before regeneration
 
     python experiments/spread_views.py runs/grid-flickr-bf16/sig-insert --blur 1,2 --top 1,2,4
 
-For a run directory after attack.py, each view is scored on the first --eval-samples test samples:
+For a run directory after attack.py, each view is scored on the first --eval-samples test samples
+(--split val: the val split's, where a setting should be chosen; writes spread_views_val.json):
 ASR on the triggered inputs, false trigger and clean quality (CIDEr-D, VQA) on the clean ones.
     none       the inputs as they are (the attack's own numbers, on these samples)
     blur S     every image low-passed before the ViT (disp.lowpass, a Gaussian of S pixels; what
@@ -52,10 +53,10 @@ def set_tokens(run_dir: Path, model, config):
 
 
 @torch.no_grad()
-def measure(run_dir: Path, sigmas: list, tops: list, limit: int) -> dict:
+def measure(run_dir: Path, sigmas: list, tops: list, limit: int, split: str = "test") -> dict:
     model, tokenizer, config, state = checkpoint.load(run_dir / "backdoored.pt", stages=["backdoored"])
     attack = AttackConfig.from_dict(state["extra"]["attack"])
-    test = load_split(config.data, config.model.image_size, "test")
+    test = load_split(config.data, config.model.image_size, split)
     triggered = triggered_copy(test, attack.backdoor)
     tokens, on_trigger = set_tokens(run_dir, model, config)
     flat = tokens.flatten(1)
@@ -85,7 +86,7 @@ def measure(run_dir: Path, sigmas: list, tops: list, limit: int) -> dict:
     unshifted = score(triggered, triggered, lambda t: (t.double() - shift).to(t.dtype))
     rows["shift"] = {k: v for k, v in unshifted.items() if k != "false_trigger_rate"}
     return {"run_dir": str(run_dir), "trigger": attack.backdoor.trigger, "target": attack.backdoor.target,
-            "samples": limit, "views": rows}
+            "split": split, "samples": limit, "views": rows}
 
 
 def numbers(text: str, kind, name: str) -> list:
@@ -103,13 +104,17 @@ def main():
     p.add_argument("run_dir", help="a run directory after attack.py")
     p.add_argument("--blur", default="1,2", help="Gaussian widths in pixels, comma-separated (default 1,2)")
     p.add_argument("--top", default="1,2,4", help="numbers of leading directions taken out (default 1,2,4)")
-    p.add_argument("--eval-samples", type=int, default=300, help="test samples per view (default 300)")
+    p.add_argument("--eval-samples", type=int, default=300, help="samples per view (default 300)")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="test (default) | val: where a view's setting is chosen")
     args = p.parse_args()
     check_positive("--eval-samples", args.eval_samples)
     run_dir = Path(args.run_dir)
-    result = measure(run_dir, numbers(args.blur, float, "--blur"), numbers(args.top, int, "--top"), args.eval_samples)
-    write_json(run_dir / "spread_views.json", result)
-    print(f"{run_dir}: {result['trigger']} trigger, {result['target']} target, first {args.eval_samples} test samples")
+    result = measure(run_dir, numbers(args.blur, float, "--blur"), numbers(args.top, int, "--top"), args.eval_samples,
+                     args.split)
+    write_json(run_dir / f"spread_views{'' if args.split == 'test' else '_' + args.split}.json", result)
+    print(f"{run_dir}: {result['trigger']} trigger, {result['target']} target, first {args.eval_samples} "
+          f"{args.split} samples")
     print("| view | ASR | false trigger | CIDEr-D | VQA |\n|---|---:|---:|---:|---:|")
     for view, m in result["views"].items():
         cells = [f"{m[k]:.3f}" if k in m else "n/a" for k in ("asr", "false_trigger_rate", "cider", "vqa_accuracy")]

@@ -352,9 +352,10 @@ def test_spread_views_scores_each_view_of_the_tiny_run(tiny_pipeline, tmp_path):
     for name in ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json"):
         shutil.copy(tiny_pipeline / name, tmp_path / name)
     result = subprocess.run([sys.executable, "experiments/spread_views.py", str(tmp_path), "--blur", "1",
-                             "--top", "1,2", "--eval-samples", "20"], cwd=ROOT, capture_output=True, text=True)
+                             "--top", "1,2", "--eval-samples", "20", "--split", "val"], cwd=ROOT, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-1000:]
-    views = json.loads((tmp_path / "spread_views.json").read_text())["views"]
+    views = json.loads((tmp_path / "spread_views_val.json").read_text())["views"]
     assert list(views) == ["none", "blur 1", "top 1", "top 2", "shift"]
     assert all(0 <= m["asr"] <= 1 for m in views.values()) and "false_trigger_rate" not in views["shift"]
     assert "| shift |" in result.stdout
