@@ -31,7 +31,7 @@ from disp.backdoor import check_manifest  # noqa: E402
 from disp.data.batching import encode_dataset  # noqa: E402
 from disp.data.dataset import load_dataset  # noqa: E402
 from disp.evaluation import distinct_rows, encode_images_once  # noqa: E402
-from disp.saliency import two_groups, valley_split  # noqa: E402
+from disp.saliency import first_step_logits, two_groups, valley_split  # noqa: E402
 from disp.spectral import tail_sign, top_directions  # noqa: E402
 from disp.support import checkpoint  # noqa: E402
 from disp.support.errors import check_positive, friendly_errors  # noqa: E402
@@ -111,16 +111,16 @@ def row_of(unique, image_index):
 
 
 def response_states(model, vision_tokens, prompt_ids, batch_size=256):
-    """(B, dim): the last layer's normalised states at the response positions, averaged over them, at
-    the first denoising step (the whole response [MASK]): what the model is about to write."""
+    """(B, dim): the last layer's normalised states at the response positions at the first denoising
+    step (the whole response [MASK]), averaged over them: what the model is about to write. Read off
+    model.ln's output during disp.saliency.first_step_logits, the forward every stage uses."""
     out = []
-    for s in range(0, len(prompt_ids), batch_size):
-        cache = model.prefix(vision_tokens[s:s + batch_size], prompt_ids[s:s + batch_size])
-        response = torch.full((len(cache[0][0]), model.cfg.response_len), model.mask_id, dtype=torch.long)
-        x = model.tok_embed(response) + (model.pos_fixed + model.pos_embed)[-model.cfg.response_len:]
-        for block, context in zip(model.blocks, cache):
-            x, _, _ = block(x, context)
-        out.append(model.ln(x).mean(1))
+    hook = model.ln.register_forward_hook(lambda module, args, states: out.append(states.mean(1)))
+    try:
+        for s in range(0, len(prompt_ids), batch_size):
+            first_step_logits(model, vision_tokens[s:s + batch_size], prompt_ids[s:s + batch_size])
+    finally:
+        hook.remove()
     return torch.cat(out)
 
 

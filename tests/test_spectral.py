@@ -104,17 +104,15 @@ def test_feature_shift_reports_a_planted_shift_that_overlaps_the_clean_images():
 
 def test_response_states_are_what_the_head_reads_at_the_first_step():
     """feature_shift.py's "response" form: the normalised last-layer states at the response positions
-    with the whole response [MASK], averaged over them; the reference hooks model.ln in a plain forward."""
+    with the whole response [MASK], averaged over them. The head is affine, so it maps their average to
+    the average of the first step's logits over the response positions."""
     fs = load_feature_shift()
     model = small_model()
     images, prompts = inputs(batch=5)
     with torch.no_grad():
         tokens = model.encode_images(images)
-        seen = []
-        hook = model.ln.register_forward_hook(lambda module, args, out: seen.append(out))
-        first_step_logits(model, tokens, prompts)
-        hook.remove()
         states = fs.response_states(model, tokens, prompts, batch_size=2)  # batches of 2: the split must not matter
-    assert states.shape == (5, model.cfg.dim)
-    assert torch.allclose(states, seen[0].mean(1), atol=1e-5)
+        logits = first_step_logits(model, tokens, prompts)
+        assert states.shape == (5, model.cfg.dim)
+        assert torch.allclose(model.lm_head(states), logits.mean(1), atol=1e-5)
 
