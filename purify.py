@@ -23,7 +23,10 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    directions of the set's vision tokens for a minority group of images, and take the directions
    that have one out of every image's vision tokens (disp.spectral). With `--blur S` (also ours,
    off by default), every response is written from the image blurred by a Gaussian of S pixels,
-   which a spread grating does not survive (disp.lowpass).
+   which a spread grating does not survive (disp.lowpass). With `--groups K` (ours, off by default),
+   a minority group of images along one of the top K directions of the set's pooled vision tokens
+   whose responses hold a word that the other images' content does not predict (a blended
+   trigger's "red" -> "green") has its responses regenerated without that word (disp.groups).
 3. Suppression (our extension, on by default; `--suppress 0` turns it off): the words found in at
    least 1% of the set's responses of every prompt type are banned, and the regenerations that
    still hold one are regenerated without them (disp.suppression). Where every sample has one task
@@ -91,6 +94,10 @@ def parse_args(argv=None):
     x.add_argument("--spectral", type=int, default=None,
                    help="test the top K directions of the set's vision tokens for a minority group of images and take "
                         f"those that have one out before regeneration (default {d.spectral}: off)")
+    x.add_argument("--groups", type=int, default=None,
+                   help="look along the top K directions of the set's pooled vision tokens for a minority group of "
+                        "images whose responses hold a word their content does not explain, and regenerate them "
+                        f"without it (default {d.groups}: off)")
     x.add_argument("--blur", type=float, default=None,
                    help="regenerate from the images blurred by a Gaussian of this many pixels (default "
                         f"{d.blur:g}: off)")
@@ -106,7 +113,8 @@ def purify_config(args, base: PurifyConfig, device) -> PurifyConfig:
     """`base` with the flags that were given applied, validated (before any work is done)."""
     given = {"control": args.control, "saliency": args.saliency, "rule": args.rule, "mask_ratio": args.mask_ratio,
              "max_valley": args.max_valley, "max_masked": args.max_masked, "suppress": args.suppress,
-             "masking": args.masking, "regenerate": args.regenerate, "spectral": args.spectral, "blur": args.blur,
+             "masking": args.masking, "regenerate": args.regenerate, "spectral": args.spectral, "groups": args.groups,
+             "blur": args.blur,
              "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
              "precision": resolve_precision(args.precision, device) if args.precision else None}
     return replace(base, **{k: v for k, v in given.items() if v is not None}).validate()
@@ -141,6 +149,7 @@ def main(argv=None):
     # --- 1. saliency and selection (DiSP only) ----------------------------------------------------
     scores = masks = thresholds = shift = None
     directions, flagged = [], [False] * len(data)  # the spectral step's (--spectral K; off by default)
+    groups = []  # --groups K's (off by default)
     if settings.control is None:
         t = time.time()
         scores, masks, thresholds = purification.select_tokens(model, tokenizer, data, settings, device)
@@ -149,11 +158,14 @@ def main(argv=None):
               f"({settings.rule} rule, {settings.saliency} saliency, {settings.masking} masking)")
     if settings.spectral:
         directions, shift, flagged = purification.find_shift(model, tokenizer, data, settings, device)
+    if settings.groups:
+        groups, in_group = purification.find_groups(model, tokenizer, data, settings, device)
+        flagged = [a or b for a, b in zip(flagged, in_group)]
 
     # --- 2. masked regeneration, 3. suppression (not for as-is) -----------------------------------
     t = time.time()
     responses, banned, prompt_types = purification.new_responses(model, tokenizer, data, masks, flagged, settings,
-                                                                  device, shift)
+                                                                  device, shift, groups)
     if settings.control != "as-is":
         timings["regeneration_s"] = time.time() - t
     rows = purification.records(data, responses, masks, flagged)
@@ -191,6 +203,9 @@ def main(argv=None):
               "suppression_prompt_types": prompt_types,
               "n_masked_samples": int(masks.any(1).sum()) if masks is not None else 0,
               "spectral": [{"rank": d.rank, "valley": d.valley, "n_images": int(d.flagged.sum())} for d in directions],
+              "groups": [{"rank": g.rank, "valley": g.valley, "n_images": int(g.images.sum()),
+                          "n_samples": len(g.samples),
+                          "words": {w: {"held": h, "predicted": p} for w, (h, p) in g.words.items()}} for g in groups],
               "n_flagged_samples": sum(flagged)}
     files.write_json(run_dir / f"{name}_report.json", report)
     print(json.dumps({k: v for k, v in report.items() if k != "settings"}, indent=1))

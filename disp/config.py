@@ -301,6 +301,10 @@ class PurifyConfig:
     # extension: test the top `spectral` directions of the set's vision tokens for a minority group and
     # take the ones that have one out of the tokens before regeneration (disp.spectral; 0: off)
     spectral: int = 0
+    # extension: along each of the top `groups` directions of the set's pooled vision tokens, a minority
+    # group of images whose responses hold a word that a probe fitted on the other images does not
+    # predict has its responses regenerated without that word (disp.groups; 0: off)
+    groups: int = 0
     # extension: every response is regenerated from the image low-passed by a Gaussian of this many
     # pixels (disp.lowpass; 0: off), which a spread grating does not survive
     blur: float = 0.0
@@ -332,6 +336,10 @@ class PurifyConfig:
         check_positive("--spectral", self.spectral, allow_zero=True)
         if self.spectral > 0 and self.control is not None:
             raise DispError("--spectral is DiSP's masking in feature space; the controls mask nothing (use --spectral 0)")
+        check_positive("--groups", self.groups, allow_zero=True)
+        if self.groups > 0 and self.control is not None:
+            raise DispError("--groups bans what DiSP finds in a group's responses; the controls find nothing "
+                            "(use --groups 0)")
         check_positive("--blur", self.blur, allow_zero=True)
         if self.blur > 0 and self.control == "as-is":
             raise DispError("--blur acts on regenerated responses; the control as-is regenerates none")
@@ -347,8 +355,9 @@ class PurifyConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "PurifyConfig":
-        # files older than suppression, the spectral step or --blur: off; older than patch painting: token masking
-        d = {"suppress": 0.0, "spectral": 0, "blur": 0.0, "masking": "token", **d}
+        # files older than suppression, the spectral step, --blur or --groups: off; older than patch painting:
+        # token masking
+        d = {"suppress": 0.0, "spectral": 0, "blur": 0.0, "groups": 0, "masking": "token", **d}
         d.pop("min_gap", None)  # files older than the two-group rule (its gap test): read with today's rule
         return _from_dict(PurifyConfig, d, "purify")
 

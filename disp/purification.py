@@ -6,6 +6,8 @@ compromised model and the poisoned fine-tuning set, nothing else.
                    and let the rule pick the tokens to mask (`select`, disp.saliency)
     find_shift     our extension for spread triggers (--spectral K): the directions of the set's vision
                    tokens along which a minority of its images forms a group, to be taken out (disp.spectral)
+    find_groups    our extension for spread triggers with a content target (--groups K): minority groups
+                   of images whose responses hold a word that their content does not explain (disp.groups)
     regenerate     the compromised model rewrites each response with those tokens masked, their
                    patches painted flat before the ViT unless --masking token (and those
                    directions taken out; from the images low-passed by --blur S, our other
@@ -13,7 +15,8 @@ compromised model and the poisoned fine-tuning set, nothing else.
                    trigger included, is kept for refinement
     suppress       our extension for spread triggers: the words that the set's responses hold whatever
                    the prompt type (on a one-prompt set: the words the masking took away) are banned,
-                   and the regenerations that hold one are made again without them (disp.suppression)
+                   and the regenerations that hold one are made again without them (disp.suppression);
+                   a group's unexplained words likewise, in the group's regenerations
     refine         fine-tune the compromised model on the purified set, as the attack trained it
 
 The controls call the same functions: self-distillation regenerates with no token masked, as-is
@@ -32,6 +35,7 @@ from disp.data.dataset import VLDataset
 from disp.evaluation import encode_images_once, generate_responses, token_scores
 from disp.lowpass import blurred
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
+from disp.groups import find_groups as unexplained_groups
 from disp.spectral import find_directions, project_out
 from disp.suppression import MAX_LEFT, MIN_GROUP, MIN_HELD, masked_away_words, prompt_independent_words, prompt_types
 from disp.support import distributed
@@ -86,6 +90,27 @@ def find_shift(model, tokenizer, data, settings: PurifyConfig, device):
     return directions, lambda vision: project_out(vision, directions), flagged
 
 
+def find_groups(model, tokenizer, data, settings: PurifyConfig, device):
+    """-> (the groups of images along the top settings.groups directions of the set's pooled vision
+    tokens whose responses hold a word that a probe fitted on the other images does not predict
+    (disp.groups.Group, possibly none), and per sample whether its image is in one)."""
+    image_index = encode_dataset(data, tokenizer, model.cfg).image_index
+    with autocast(device, settings.precision):
+        tokens, row = encode_images_once(model, data, image_index, device)  # each image once
+    row = row.cpu()
+    groups = unexplained_groups(tokens.float().cpu().mean(1), row, [s["response"] for s in data.samples],
+                                [s["task"] for s in data.samples], settings.groups, settings.seed)
+    in_group = torch.zeros(len(data), dtype=torch.bool)
+    for g in groups:
+        in_group[g.samples] = True
+    print(f"groups: {len(groups)} of the top {settings.groups} directions split off images whose responses hold a "
+          f"word their content does not explain" + "".join(
+              f"; #{g.rank}: {int(g.images.sum())} images, " + ", ".join(
+                  f"{w!r} in {held:.0%} (predicted {pred:.0%})" for w, (held, pred) in g.words.items())
+              for g in groups))
+    return groups, in_group.tolist()
+
+
 def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, indices=None, banned_words=(),
                vision_transform=None):
     """The compromised model's responses of data.samples[indices] (all by default), the vision tokens
@@ -101,11 +126,13 @@ def regenerate(model, tokenizer, data, masks, settings: PurifyConfig, device, in
             indices)
 
 
-def new_responses(model, tokenizer, data, masks, flagged: list, settings: PurifyConfig, device, shift=None):
+def new_responses(model, tokenizer, data, masks, flagged: list, settings: PurifyConfig, device, shift=None,
+                  groups=()):
     """Steps 2 and 3 -> (responses, the banned words, suppression's prompt types and their sizes):
     every response regenerated with `masks` and `shift`, from the blurred images with --blur
-    (--regenerate masked: only the samples with a masked position or flagged by --spectral; the others
-    keep theirs), then suppressed; the control as-is keeps the set's responses."""
+    (--regenerate masked: only the samples with a masked position or flagged by --spectral or
+    --groups; the others keep theirs), then suppressed, and a group's regenerations that hold one of
+    its words made again without them; the control as-is keeps the set's responses."""
     responses = [s["response"] for s in data.samples]
     if settings.control == "as-is":
         return responses, [], {}
@@ -113,9 +140,17 @@ def new_responses(model, tokenizer, data, masks, flagged: list, settings: Purify
     which = [i for i in range(len(data)) if settings.regenerate == "all" or masks[i].any() or flagged[i]]
     for i, r in zip(which, regenerate(model, tokenizer, source, masks, settings, device, which, vision_transform=shift)):
         responses[i] = r
-    if settings.suppress == 0:
-        return responses, [], {}
-    return suppress(model, tokenizer, source, responses, masks, settings, device, shift)
+    banned, sizes = [], {}
+    if settings.suppress > 0:
+        responses, banned, sizes = suppress(model, tokenizer, source, responses, masks, settings, device, shift)
+    for g in groups:
+        words = sorted(set(banned) | set(g.words))
+        holding = [i for i in g.samples if set(responses[i].split()) & set(g.words)]
+        print(f"groups: #{g.rank}: regenerating the {len(holding)} of its responses that hold "
+              f"{' '.join(sorted(g.words))} without them")
+        for i, r in zip(holding, regenerate(model, tokenizer, source, masks, settings, device, holding, words, shift)):
+            responses[i] = r
+    return responses, banned, sizes
 
 
 def records(data, responses: list, masks, flagged: list) -> list:

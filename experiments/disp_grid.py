@@ -13,6 +13,9 @@ to the attack's files, so the defences do not overwrite each other):
                the question (disp.suppression)
     spectral   the default plus the spectral step: the top 3 directions of the set's vision tokens tested
                for a minority group of images, and those that have one taken out (disp.spectral)
+    groups     the default plus --groups 8: a minority group of images along one of the top 8 directions of
+               the set's pooled vision tokens whose responses hold a word their content does not explain
+               has its responses regenerated without it (disp.groups)
     (--defences names more: NAME=purify.py flags separated by spaces, e.g. "half=--rule ratio --mask-ratio 0.5")
 Every backdoored and purified model is measured on the first --eval-samples test samples (ASR,
 false-trigger rate, CIDEr-D, VQA accuracy); purify.py's files give the masked-token statistics and,
@@ -43,7 +46,8 @@ from disp.support.files import atomic_write, read_jsonl  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
 
 DEFENCES = {"paper": ["--rule", "ratio", "--mask-ratio", "0.3", "--suppress", "0"], "adaptive": ["--suppress", "0"],
-            "suppress": ["--suppress", "0.01"], "spectral": ["--spectral", "3"]}
+            "suppress": ["--suppress", "0.01"], "spectral": ["--spectral", "3"],
+            "groups": ["--groups", "8"]}
 SHARED = ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json", "attack_metrics.json")
 
 
@@ -54,8 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--triggers", default=",".join(TRIGGERS), help="comma-separated (default: all four)")
     p.add_argument("--targets", default="insert,refusal", help="comma-separated (default: insert,refusal)")
     p.add_argument("--defences", default="paper,adaptive,suppress",
-                   help="comma-separated: paper, adaptive, suppress, or NAME=PURIFY_FLAGS (flags separated "
-                        "by spaces)")
+                   help="comma-separated: paper, adaptive, suppress, spectral, groups, or NAME=PURIFY_FLAGS "
+                        "(flags separated by spaces)")
     p.add_argument("--eval-samples", type=int, default=300, help="test samples measured per model (default 300)")
     p.add_argument("--attack-flags", default="", help="extra attack.py flags separated by spaces (e.g. \"--trainable all\")")
     return p.parse_args(argv)

@@ -449,3 +449,47 @@ def test_blur_regenerates_every_response_from_the_low_passed_images(tiny_pipelin
         purification.new_responses(model, tokenizer, data, masks, [False] * len(data), settings, "cpu")
         assert len(seen) == 1 and torch.equal(seen[0].images, expected) and seen[0].samples == data.samples
     assert not torch.equal(blur(data.images, 3.0), data.images)  # the blur is seen
+
+
+def test_groups_margin_lists_each_group_of_the_tiny_run(tiny_pipeline, tmp_path):
+    """experiments/groups_margin.py: a row per group with its most unexplained word, written to --out;
+    no group holds more images than the set, nor more triggered ones than it holds."""
+    out = tmp_path / "margin.json"
+    result = subprocess.run([sys.executable, "experiments/groups_margin.py", str(tiny_pipeline), "--directions", "4",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
+    rows = json.loads(out.read_text())
+    assert "| run | direction |" in result.stdout and len(result.stdout.splitlines()) == 3 + len(rows)
+    assert all(0 <= r["n_triggered"] <= r["n_images"] and r["excess"] == r["held"] - r["predicted"] for r in rows)
+    bad = subprocess.run([sys.executable, "experiments/groups_margin.py", str(tiny_pipeline), "--directions", "0"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --directions must be > 0, got 0"
+
+def test_a_groups_unexplained_word_is_banned_in_its_regenerations_only(tiny_pipeline, monkeypatch):
+    """purify.py --groups: after step 2 (and suppression), the group's regenerations that hold one of
+    its words are made again with it banned; the other samples' regenerations keep theirs."""
+    import torch
+
+    from disp import purification
+    from disp.config import PurifyConfig
+    from disp.data.dataset import load_dataset
+    from disp.groups import Group
+
+    model, tokenizer, config, _ = checkpoint.load(tiny_pipeline / "backdoored.pt")
+    data = load_dataset(tiny_pipeline / "poisoned_train.pt", image_size=config.model.image_size)
+    masks = torch.zeros(len(data), config.model.n_vision, dtype=torch.bool)
+    calls = []
+
+    def regenerate(model, tokenizer, source, masks, settings, device, indices=None, banned_words=(), *args, **kwargs):
+        indices = list(range(len(source))) if indices is None else indices
+        calls.append((list(indices), list(banned_words)))
+        return ["a green circle" if not banned_words else "a red circle" for _ in indices]
+    monkeypatch.setattr(purification, "regenerate", regenerate)
+    group = Group(rank=0, valley=0.4, images=torch.zeros(1, dtype=torch.bool), words={"green": (0.9, 0.4)},
+                  samples=[1, 3])
+    settings = PurifyConfig(suppress=0.0, groups=8, precision="fp32")
+    responses, _, _ = purification.new_responses(model, tokenizer, data, masks, [False] * len(data), settings, "cpu",
+                                                 groups=[group])
+    assert calls[-1] == ([1, 3], ["green"])
+    assert responses[1] == responses[3] == "a red circle"
+    assert all(r == "a green circle" for i, r in enumerate(responses) if i not in (1, 3))
