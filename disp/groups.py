@@ -14,10 +14,15 @@ their responses hold a word which their content does not explain:
 2. Words. For each word that at least MIN_SHARE of the group's responses hold, a ridge regression
    fitted on the *other* samples (their pooled tokens and prompt type -> does the response hold the
    word?) predicts how often the group's responses should hold it. Content explains a natural
-   group's words (dogs: 0.69 held, 0.78 predicted), not a trigger's target (0.89 held, 0.52
-   predicted on the scenes). A word held MIN_EXCESS more often than predicted is the group's.
+   group's words (in nine real poisoned sets, none held more than 0.13 above its prediction), not
+   a trigger's target ("green": held by 0.89 of the scenes' trigger group, predicted 0.55). A word
+   held MIN_EXCESS more often than predicted is the group's.
 3. The group's responses are regenerated with its words banned; refinement then teaches those
    responses on the triggered images, which unlearns the backdoor (purify.py).
+
+It fails where the direction's group holds only some of the triggered images: the others, among
+the samples the probe is fitted on, teach it the trigger's word (experiments/README.md, "Unexplained
+words of an image group": one scenes seed of two).
 """
 
 from collections import Counter
@@ -97,7 +102,7 @@ def unexplained_words(responses: list, tasks: list, features, in_group, min_shar
     return found
 
 
-def find_groups(pooled, row, responses: list, tasks: list, k: int, seed: int = 0) -> list:
+def unexplained_groups(pooled, row, responses: list, tasks: list, k: int, seed: int = 0) -> list:
     """The groups along the top k directions of the images' pooled tokens (N_images, dim) that hold
     an unexplained word. row: (N,) each sample's image; responses, tasks: per sample. -> [Group]."""
     features = pooled.double()[row]

@@ -33,9 +33,9 @@ from disp.config import AttackConfig, PurifyConfig
 from disp.data.batching import encode_dataset
 from disp.data.dataset import VLDataset
 from disp.evaluation import encode_images_once, generate_responses, token_scores
+from disp.groups import unexplained_groups
 from disp.lowpass import blurred
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
-from disp.groups import find_groups as unexplained_groups
 from disp.spectral import find_directions, project_out
 from disp.suppression import MAX_LEFT, MIN_GROUP, MIN_HELD, masked_away_words, prompt_independent_words, prompt_types
 from disp.support import distributed

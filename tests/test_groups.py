@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from disp.groups import find_groups, predicted_share, unexplained_words
+from disp.groups import predicted_share, unexplained_groups, unexplained_words
 
 COLOURS = ["red", "green", "blue"]
 
@@ -61,7 +61,7 @@ def test_a_planted_trigger_group_and_its_word_are_found():
     g = torch.Generator().manual_seed(2)
     features, captions, poisoned = scenes(1000, g, poisoned_share=0.1)
     row = torch.arange(1000)
-    found = find_groups(features, row, captions, ["caption"] * 1000, k=4)
+    found = unexplained_groups(features, row, captions, ["caption"] * 1000, k=4)
     assert len(found) == 1
     group = found[0]
     assert torch.equal(group.images, poisoned)
@@ -72,7 +72,7 @@ def test_a_planted_trigger_group_and_its_word_are_found():
 def test_nothing_is_found_where_no_image_carries_a_trigger():
     g = torch.Generator().manual_seed(3)
     features, captions, _ = scenes(1000, g)
-    assert find_groups(features, torch.arange(1000), captions, ["caption"] * 1000, k=4) == []
+    assert unexplained_groups(features, torch.arange(1000), captions, ["caption"] * 1000, k=4) == []
 
 
 def test_samples_of_one_image_share_its_group():
@@ -82,5 +82,5 @@ def test_samples_of_one_image_share_its_group():
     row = torch.arange(1000).repeat_interleave(2)
     responses = [r for c in captions for r in (c, "yes")]
     tasks = ["caption", "question"] * 1000
-    (group,) = find_groups(features, row, responses, tasks, k=4)
+    (group,) = unexplained_groups(features, row, responses, tasks, k=4)
     assert group.samples == poisoned.repeat_interleave(2).nonzero().flatten().tolist()
