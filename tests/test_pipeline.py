@@ -465,6 +465,7 @@ def test_groups_margin_lists_each_group_of_the_tiny_run(tiny_pipeline, tmp_path)
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --directions must be > 0, got 0"
 
+
 def test_a_groups_unexplained_word_is_banned_in_its_regenerations_only(tiny_pipeline, monkeypatch):
     """purify.py --groups: after step 2 (and suppression), the group's regenerations that hold one of
     its words are made again with it banned; the other samples' regenerations keep theirs."""
