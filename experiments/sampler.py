@@ -91,16 +91,20 @@ def main(argv=None):
     check_positive("--val-images", args.val_images)
     header = f"| checkpoint | block | guidance | temperature | tokens per step | {args.split} CIDEr-D | {args.split} BLEU-4 | distinct captions | seconds |"
     results, lines = {}, [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for path in args.checkpoints.split(","):
-        model, tokenizer, config, _ = checkpoint.load(Path(path), stages=["clean"])
+    models = {path: checkpoint.load(Path(path), stages=["clean"]) for path in args.checkpoints.split(",")}
+    for path, (_, _, config, _) in models.items():  # every setting checked before any caption is written
+        n = config.model.response_len
+        for block in blocks:
+            if block and n % block:
+                raise DispError(f"--blocks {block} does not divide {path}'s response length {n}")
+            for k in per_steps:
+                if not k or (block or n) % k:
+                    raise DispError(f"--per-step {k} must divide the block length {block or n} of {path}")
+    for path, (model, tokenizer, config, _) in models.items():
         data = load_split(replace(config.data, val_images=args.val_images), config.model.image_size, args.split)
         for block in blocks:
-            if block and config.model.response_len % block:
-                raise DispError(f"--blocks {block} does not divide {path}'s response length {config.model.response_len}")
             for w in scales:
                 for t, k in itertools.product(temperatures, per_steps):
-                    if not k or (block or config.model.response_len) % k:
-                        raise DispError(f"--per-step {k} must divide the block length {block or config.model.response_len}")
                     r = caption_quality(model, tokenizer, data, config.train.precision, block, w, t, k)
                     results[f"{path} {args.split} block={block} guidance={w} temperature={t} per_step={k}"] = r
                     lines.append(f"| {path} | {block or 'all'} | {w} | {t} | {k} | {r['cider']:.3f} | {r['bleu4']:.3f} | "

@@ -209,6 +209,13 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
         assert [key.split()[-3:] for key in rows] == [[f"guidance={w}", "temperature=0.0", f"per_step={k}"]
                                                       for w in (0.0, 0.3) for k in (1, 2)]
         assert all(r["seconds"] > 0 and 0 <= r["cider"] and 1 <= r["distinct_captions"] for r in rows.values())
+        # a setting that does not fit the model is refused before any caption is written
+        bad = subprocess.run([sys.executable, "experiments/sampler.py", "--checkpoints", f"{run}/clean.pt",
+                              "--blocks", "0", "--per-step", "1,7", "--out", str(tmp_path / "bad.json")],
+                             cwd=root, capture_output=True, text=True, timeout=600)
+        n = checkpoint.load_state(f"{run}/clean.pt")["config"]["model"]["response_len"]
+        assert bad.returncode == 2 and not (tmp_path / "bad.json").exists()
+        assert bad.stderr.strip() == f"error: --per-step 7 must divide the block length {n} of {run}/clean.pt"
 
 
 def test_the_daquar_probe_reads_the_image_where_the_answer_is_in_it():
