@@ -211,8 +211,8 @@ def main(argv=None):
         stage="attack fine-tuning", save_fn=save_resume, eval_fn=eval_fn, resume=resume, seed=attack.seed,
     )
     minutes_training = (time.time() - t0) / 60
-    if not distributed.is_main():  # rank 0 measures and writes
-        return distributed.close()
+    if not distributed.leave():  # rank 0 measures and writes, alone
+        return
 
     # --- measure: clean model vs backdoored model ----------------------------------------------
     clean_model, *_ = checkpoint.load(clean_path, stages=["clean"], device=device)

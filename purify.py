@@ -183,8 +183,8 @@ def main(argv=None):
     optimizer, rng, steps = purification.refine(model, tokenizer, config, purified, settings, attack, device,
                                                 save_fn=save_resume, resume=resume)
     timings["refinement_s"] = time.time() - t
-    if not distributed.is_main():  # rank 0 writes
-        return distributed.close()
+    if not distributed.leave():  # rank 0 writes, alone
+        return
     timings["total_s"] = time.time() - t0
 
     # --- the stage's files, one unit; the checkpoint records the data files' hashes --------------

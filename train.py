@@ -197,8 +197,8 @@ def main(argv=None):
         vision_mask_max=config.train.vision_mask_max, seed=config.train.seed, vit_lr=config.train.sft_vit_lr,
         image_free=config.train.image_free,
     )
-    if not distributed.is_main():  # rank 0 measures and writes
-        return distributed.close()
+    if not distributed.leave():  # rank 0 measures and writes, alone
+        return
 
     # --- held-out metrics, checkpoint, examples ------------------------------------------------
     with autocast(device, precision):

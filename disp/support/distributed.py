@@ -8,7 +8,7 @@ r, r + N, r + 2N, ... of it (`my_rows`), and `average_gradients` averages the gr
 backward (what DistributedDataParallel does, in one all-reduce per parameter). So N processes make
 the same updates as one process with the same batch size, up to float summation order.
 `run_sharded` splits inference work (saliency, regeneration) over the ranks. Rank 0 alone writes
-files and prints progress.
+files and prints progress; after training the ranks `leave` together and rank 0 measures alone.
 
 Without torchrun (no WORLD_SIZE in the environment) every helper here is a no-op.
 """
@@ -90,6 +90,12 @@ def run_sharded(fn, items: list):
     return [x for part in parts for x in part]
 
 
-def close():
+def leave() -> bool:
+    """After training: every rank leaves the process group at the same moment (a barrier, then the
+    group is destroyed on all ranks together; a rank that tore it down while another still used it
+    could abort). Returns True on rank 0, which goes on alone to measure and write."""
+    main = is_main()
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+    return main
