@@ -9,20 +9,23 @@ their responses hold a word which their content does not explain:
 
 1. Groups. The images' vision tokens, averaged over positions, centred; along each of their top K
    principal directions the two-group rule of DiSP's masking (disp.saliency.valley_split) splits
-   off the smaller group, if there is one. A group may be natural (the photos of dogs on grass, the
-   scenes with a large circle); nothing is done to a group unless step 2 finds a word.
+   off the smaller group, if there is one. A principal direction only leans towards a trigger's
+   images (its split kept 45 of one scenes seed's 117), so the split is sharpened: a linear
+   discriminant between the group and the rest gives a new direction, the rule splits again along
+   it, and so on until the group stops changing. A trigger's images then stand apart with nothing
+   between (on three scenes seeds: exactly the triggered images). A group may be natural (the photos
+   of dogs on grass, the scenes with a large circle); nothing is done to it unless step 2 finds a word.
 2. Words. For each word that at least MIN_SHARE of the group's responses hold, a ridge regression
    fitted on the *other* samples (their pooled tokens and prompt type -> does the response hold the
    word?) predicts how often the group's responses should hold it. Content explains a natural
-   group's words (in nine real poisoned sets, none held more than 0.13 above its prediction), not
-   a trigger's target ("green": held by 0.89 of the scenes' trigger group, predicted 0.55). A word
-   held MIN_EXCESS more often than predicted is the group's.
+   group's words, not a trigger's target (experiments/README.md, "Unexplained words of an image
+   group": the margins in real poisoned sets). A word held MIN_EXCESS more often than predicted is
+   the group's.
 3. The group's responses are regenerated with its words banned; refinement then teaches those
    responses on the triggered images, which unlearns the backdoor (purify.py).
 
-It fails where the direction's group holds only some of the triggered images: the others, among
-the samples the probe is fitted on, teach it the trigger's word (experiments/README.md, "Unexplained
-words of an image group": one scenes seed of two).
+Where a group holds only some of the triggered images, the others, among the samples the probe is
+fitted on, teach it the trigger's word: the sharpening of step 1 is what prevents that.
 """
 
 from collections import Counter
@@ -36,21 +39,50 @@ from disp.spectral import tail_sign, top_directions
 MIN_SHARE = 0.5  # a word the group's responses hold at least this often
 MIN_EXCESS = 0.25  # ... and this much more often than the other samples' probe predicts for them
 RIDGE = 10.0  # the probe's L2 penalty, in units of standardised features
+SHARPEN_RIDGE = 0.01  # the discriminant's within-group covariance + this x its mean eigenvalue
+SHARPEN_ROUNDS = 10
 
 
 @dataclass
 class Group:
     """A minority group of images along one principal direction, and the words it cannot explain."""
-    rank: int  # 0: the top principal direction
-    valley: float  # the two-group rule's valley along it
+    rank: int  # 0: the top principal direction (where the group was first split off)
+    valley: float  # the two-group rule's valley along the sharpened direction
     images: torch.Tensor  # (N_images,) bool
     words: dict  # word -> (share of the group's responses holding it, share the probe predicts)
     samples: list  # the indices of the samples whose image is in the group
 
 
+def discriminant(centred, members):
+    """The linear discriminant of the members (N,) bool against the rest in `centred` (N, dim):
+    (within-group covariance + SHARPEN_RIDGE x its mean eigenvalue)^-1 (members' mean - rest's mean)."""
+    inside, outside = centred[members], centred[~members]
+    residuals = torch.cat([inside - inside.mean(0), outside - outside.mean(0)])
+    cov = residuals.T @ residuals / len(centred)
+    cov = cov + SHARPEN_RIDGE * cov.trace() / len(cov) * torch.eye(len(cov), dtype=cov.dtype)
+    return torch.linalg.solve(cov, inside.mean(0) - outside.mean(0))
+
+
+def sharpen(centred, members, rounds: int = SHARPEN_ROUNDS):
+    """Split again along the discriminant of the current group until the group stops changing (at
+    most `rounds` times). -> (valley, (N,) bool), or None where the rule finds no smaller group."""
+    for _ in range(rounds):
+        proj = centred @ discriminant(centred, members)
+        proj = (proj - proj.mean()) / proj.std().clamp_min(1e-12)
+        valley, threshold = valley_split(proj)
+        if valley == float("inf"):
+            return None
+        now = proj > threshold
+        if torch.equal(now, members):
+            break
+        members = now
+    return valley, members
+
+
 def image_groups(pooled, k: int, seed: int = 0) -> list:
-    """[(rank, valley, (N_images,) bool)] for each of the top k principal directions of `pooled`
-    (N_images, dim) along which valley_split finds a smaller upper group (any valley)."""
+    """[(rank, valley, (N_images,) bool)]: for each of the top k principal directions of `pooled`
+    (N_images, dim) along which valley_split finds a smaller upper group (any valley), that group
+    sharpened; a group that an earlier direction already gave is listed once."""
     centred = pooled.double() - pooled.double().mean(0)
     vectors, _ = top_directions(centred, k, seed=seed)
     groups = []
@@ -58,8 +90,11 @@ def image_groups(pooled, k: int, seed: int = 0) -> list:
         proj = centred @ vectors[:, rank]
         proj = tail_sign(proj) * proj / proj.std().clamp_min(1e-12)
         valley, threshold = valley_split(proj)
-        if valley != float("inf"):
-            groups.append((rank, valley, proj > threshold))
+        if valley == float("inf"):
+            continue
+        sharpened = sharpen(centred, proj > threshold)
+        if sharpened is not None and not any(torch.equal(sharpened[1], g) for _, _, g in groups):
+            groups.append((rank, *sharpened))
     return groups
 
 
