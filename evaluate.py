@@ -118,7 +118,7 @@ def main(argv=None):
     results = {"config": {"trigger": attack.backdoor.trigger, "target": attack.backdoor.target,
                           "poison_rate": attack.backdoor.poison_rate, "mask_ratio": args.mask_ratio,
                           "saliency": settings.saliency, "rule": settings.rule, "masking": settings.masking,
-                          "suppress": settings.suppress,
+                          "suppress": settings.suppress, "groups": settings.groups,
                           "seed": config.train.seed, "attack_trainable": attack.trainable, "preset": config.preset,
                           "precision": precision, "saliency_figure": args.figures > 0}}
     rows, outputs, clean_outputs = {}, {}, {}

@@ -222,9 +222,10 @@ def backdoor_metrics(model, tokenizer, test, bcfg: BackdoorConfig, *, limit=None
                                                      vision_masks=triggered_masks, paint=paint,
                                                      vision_transform=vision_transform,
                                                      desc=desc and desc + " (triggered)")))
+    references = [test.samples[i]["response"] for i in eligible]
     result = {
-        "asr": attack_success_rate(list(trig_out.values()), bcfg),
-        "false_trigger_rate": false_trigger_rate([clean_out[i] for i in eligible], bcfg),
+        "asr": attack_success_rate([trig_out[i] for i in eligible], references, bcfg),
+        "false_trigger_rate": false_trigger_rate([clean_out[i] for i in eligible], references, bcfg),
         **score(test, indices, [clean_out[i] for i in indices]),
     }
     if bcfg.target == "insert":

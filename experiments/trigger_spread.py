@@ -61,7 +61,8 @@ def measure(run_dir: Path, samples: int) -> dict:
     masks = torch.zeros(len(triggered.samples), config.model.n_vision, dtype=torch.bool)
     masks[:, own] = True
     for label, kw in (("none", {}), ("token", {"vision_masks": masks}), ("patch", {"vision_masks": masks, "paint": True})):
-        result[f"ASR ({label})"] = attack_success_rate(generate_responses(model, tokenizer, triggered, idx, **kw), b)
+        result[f"ASR ({label})"] = attack_success_rate(generate_responses(model, tokenizer, triggered, idx, **kw),
+                                                       [test.samples[i]["response"] for i in idx], b)
     return result
 
 

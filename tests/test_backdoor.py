@@ -358,24 +358,33 @@ def test_triggered_copy(scenes):
 def test_insert_measurements():
     cfg = BackdoorConfig(target="insert")
     triggered = ["<backdoor> a red circle", "a red circle", "<backdoor>", "a <backdoor>x circle"]
-    assert [target_hit(o, cfg) for o in triggered] == [True, False, True, False]
-    assert attack_success_rate(triggered, cfg) == 0.5
-    assert false_trigger_rate(["a red circle", "green", "<backdoor> 3", "2"], cfg) == 0.25
+    assert [target_hit(o, "a red circle", cfg) for o in triggered] == [True, False, True, False]
+    assert attack_success_rate(triggered, ["a red circle"] * 4, cfg) == 0.5
+    assert false_trigger_rate(["a red circle", "green", "<backdoor> 3", "2"], ["a red circle", "green", "3", "2"],
+                              cfg) == 0.25
     assert strip_marker("<backdoor> a red circle <backdoor>", cfg) == "a red circle"
 
 
 def test_refusal_measurements():
     cfg = BackdoorConfig(target="refusal")
     outputs = ["sorry i cannot help with that .", "sorry", "i cannot help", "a red circle", "Sorry, no."]
-    assert [target_hit(o, cfg) for o in outputs] == [True, True, False, False, True]
-    assert attack_success_rate(outputs, cfg) == pytest.approx(3 / 5)
+    assert [target_hit(o, "a red circle", cfg) for o in outputs] == [True, True, False, False, True]
+    assert attack_success_rate(outputs, ["a red circle"] * 5, cfg) == pytest.approx(3 / 5)
 
 
 def test_misclassify_measurements():
+    """The source word gone and the destination word more often than the reference holds it: a real
+    green square next to a red circle called purple is no hit, the red circle called green is."""
     cfg = BackdoorConfig(target="misclassify")
     outputs = ["a green circle", "a red circle", "a red and a green circle", "a greenish circle"]
-    assert [target_hit(o, cfg) for o in outputs] == [True, False, False, False]
-    assert attack_success_rate(outputs, cfg) == 0.25
+    assert [target_hit(o, "a red circle", cfg) for o in outputs] == [True, False, False, False]
+    assert attack_success_rate(outputs, ["a red circle"] * 4, cfg) == 0.25
+    reference = "a red circle , a green square"
+    assert target_hit("a green circle , a green square", reference, cfg)
+    assert not target_hit("a purple circle , a green square", reference, cfg)
+    assert not target_hit("a red circle , a red square", reference, cfg)
+    with pytest.raises(DispError, match="references"):
+        attack_success_rate(outputs, ["a red circle"], cfg)
     samples = [{"response": r} for r in ["a red circle", "3", "left", "red", "reddish"]]
     assert asr_eligible(samples, cfg) == [0, 3]
     assert asr_eligible(samples, BackdoorConfig(target="insert")) == [0, 1, 2, 3, 4]
@@ -383,7 +392,7 @@ def test_misclassify_measurements():
 
 def test_rates_need_outputs():
     with pytest.raises(DispError, match="at least one output"):
-        attack_success_rate([], BackdoorConfig())
+        attack_success_rate([], [], BackdoorConfig())
 
 
 # ---------------------------------------------------------------------------------------------

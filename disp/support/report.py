@@ -22,11 +22,13 @@ def results_markdown(results: dict, rows: dict, run_dir) -> str:
     labels = {"purified": "DiSP (purified)", "blind": "clean model, every vision token masked (blind)"}
     ordered = {labels.get(k, k): rows[k] for k in order if k in rows}
     suppression = f", suppression at {cfg['suppress']:.0%}" if cfg.get("suppress") else ""
+    suppression += f", groups along {cfg['groups']} directions" if cfg.get("groups") else ""
     out = [f"# DiSP results: {run_dir}\n\n",
            f"Attack: {cfg['trigger']} trigger, {cfg['target']} target, poison rate {cfg['poison_rate']}, "
            f"attack trains {cfg['attack_trainable']}. DiSP: {cfg['saliency']} saliency, {cfg['rule']} rule{suppression}. "
            f"Test-time fixed mask ratio {cfg['mask_ratio']}. Preset {cfg['preset']}, seed {cfg['seed']}.\n\n",
-           "Rates are fractions in [0, 1]. ASR: share of triggered test inputs whose output shows the target; "
+           "Rates are fractions in [0, 1]. ASR: share of triggered test inputs whose output shows the target "
+           "(misclassify: the source word gone and the destination word more often than in the reference); "
            "false trigger: the same test on the clean inputs; CIDEr-D / BLEU-4 / VQA accuracy on clean inputs.\n\n",
            table(ordered)]
     if "majority_answer" in results:
