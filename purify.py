@@ -3,7 +3,7 @@ Backdoors in Multimodal Diffusion Language Models"; README, "How DiSP works").
 
     python purify.py                                  # adaptive rule, exact-KL saliency, suppression
     python purify.py --rule ratio --mask-ratio 0.3 --suppress 0   # the paper's DiSP: fixed-fraction rule
-    python purify.py --suppress 0                     # masking alone (no suppression)
+    python purify.py --suppress 0 --groups 0          # masking alone (no suppression, no groups)
     python purify.py --control self-distill           # control: the same, with no token masked
     python purify.py --control as-is                  # control: refine on the poisoned set as it is
     torchrun --nproc_per_node=2 purify.py             # data-parallel: ranks share scoring, generation, training
@@ -23,10 +23,7 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    directions of the set's vision tokens for a minority group of images, and take the directions
    that have one out of every image's vision tokens (disp.spectral). With `--blur S` (also ours,
    off by default), every response is written from the image blurred by a Gaussian of S pixels,
-   which a spread grating does not survive (disp.lowpass). With `--groups K` (ours, off by default),
-   a minority group of images along one of the top K directions of the set's pooled vision tokens
-   whose responses hold a word that the other images' content does not predict (a blended
-   trigger's "red" -> "green") has its responses regenerated without that word (disp.groups).
+   which a spread grating does not survive (disp.lowpass).
 3. Suppression (our extension, on by default; `--suppress 0` turns it off): the words found in at
    least 1% of the set's responses of every prompt type are banned, and the regenerations that
    still hold one are regenerated without them (disp.suppression). Where every sample has one task
@@ -34,9 +31,15 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    (captions only) cannot tell such a word from a frequent one: there the banned words are those that
    half the masked samples' responses hold and their masked regenerations dropped (the masking's
    evidence; skipped, with a note, where fewer than 100 samples were masked).
-4. Fine-tune the compromised model on the regenerated responses (a fifth of the attack's epochs,
+4. Groups (our extension, on by default; `--groups 0` turns it off): along each of the top 8
+   directions of the set's pooled vision tokens a minority group of images is split off and
+   sharpened; where its responses hold a word that a probe fitted on the other images does not
+   predict (a blended trigger's "red" -> "green", which depends on the question, so suppression
+   keeps it), its regenerations that hold the word are made again without it (disp.groups).
+5. Fine-tune the compromised model on the regenerated responses (a fifth of the attack's epochs,
    at 0.3x its learning rate).
-Each control differs from DiSP in one thing: self-distill masks no token, as-is regenerates nothing.
+Each control differs from DiSP in one thing: self-distill masks no token (it suppresses and bans a
+group's word too), as-is regenerates nothing.
 
 Writes, in the run directory (NAME = purified, or control_self_distill / control_as_is), the first
 four as one unit (the checkpoint records the data files' sha256):
@@ -97,7 +100,7 @@ def parse_args(argv=None):
     x.add_argument("--groups", type=int, default=None,
                    help="look along the top K directions of the set's pooled vision tokens for a minority group of "
                         "images whose responses hold a word their content does not explain, and regenerate them "
-                        f"without it (default {d.groups}: off)")
+                        f"without it (default {d.groups}; 0: off)")
     x.add_argument("--blur", type=float, default=None,
                    help="regenerate from the images blurred by a Gaussian of this many pixels (default "
                         f"{d.blur:g}: off)")
@@ -132,8 +135,10 @@ def main(argv=None):
     data = load_dataset(run_dir / "poisoned_train.pt", image_size=config.model.image_size)  # its own errors first
     checkpoint.check_made_from(state, backdoored_path, run_dir, ["poisoned_train.pt"])
     attack = AttackConfig.from_dict(state["extra"]["attack"])
+    as_is = args.control == "as-is"  # regenerates nothing: no suppression, no group's word to ban
     defaults = PurifyConfig(epochs=max(1, attack.epochs // 5), lr=0.3 * attack.lr, seed=config.train.seed,
-                            precision=attack.precision, suppress=0.0 if args.control == "as-is" else PurifyConfig.suppress)
+                            precision=attack.precision, suppress=0.0 if as_is else PurifyConfig.suppress,
+                            groups=0 if as_is else PurifyConfig.groups)
     settings = purify_config(args, defaults, device)
     name, made_from = settings.stage, {"backdoored.pt": files.sha256(backdoored_path)}
     final_path, resume_path = run_dir / f"{name}.pt", run_dir / f"{name}.resume.pt"
@@ -149,7 +154,7 @@ def main(argv=None):
     # --- 1. saliency and selection (DiSP only) ----------------------------------------------------
     scores = masks = thresholds = shift = None
     directions, flagged = [], [False] * len(data)  # the spectral step's (--spectral K; off by default)
-    groups = []  # --groups K's (off by default)
+    groups = []  # --groups K's
     if settings.control is None:
         t = time.time()
         scores, masks, thresholds = purification.select_tokens(model, tokenizer, data, settings, device)

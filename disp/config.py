@@ -304,7 +304,7 @@ class PurifyConfig:
     # extension: along each of the top `groups` directions of the set's pooled vision tokens, a minority
     # group of images whose responses hold a word that a probe fitted on the other images does not
     # predict has its responses regenerated without that word (disp.groups; 0: off)
-    groups: int = 0
+    groups: int = 8
     # extension: every response is regenerated from the image low-passed by a Gaussian of this many
     # pixels (disp.lowpass; 0: off), which a spread grating does not survive
     blur: float = 0.0
@@ -337,9 +337,8 @@ class PurifyConfig:
         if self.spectral > 0 and self.control is not None:
             raise DispError("--spectral is DiSP's masking in feature space; the controls mask nothing (use --spectral 0)")
         check_positive("--groups", self.groups, allow_zero=True)
-        if self.groups > 0 and self.control is not None:
-            raise DispError("--groups bans what DiSP finds in a group's responses; the controls find nothing "
-                            "(use --groups 0)")
+        if self.groups > 0 and self.control == "as-is":
+            raise DispError("--groups acts on regenerated responses; the control as-is regenerates none")
         check_positive("--blur", self.blur, allow_zero=True)
         if self.blur > 0 and self.control == "as-is":
             raise DispError("--blur acts on regenerated responses; the control as-is regenerates none")

@@ -53,21 +53,21 @@ class Group:
     samples: list  # the indices of the samples whose image is in the group
 
 
-def discriminant(centred, members):
+def discriminant(centred, members, ridge: float = SHARPEN_RIDGE):
     """The linear discriminant of the members (N,) bool against the rest in `centred` (N, dim):
-    (within-group covariance + SHARPEN_RIDGE x its mean eigenvalue)^-1 (members' mean - rest's mean)."""
+    (within-group covariance + ridge x its mean eigenvalue)^-1 (members' mean - rest's mean)."""
     inside, outside = centred[members], centred[~members]
     residuals = torch.cat([inside - inside.mean(0), outside - outside.mean(0)])
     cov = residuals.T @ residuals / len(centred)
-    cov = cov + SHARPEN_RIDGE * cov.trace() / len(cov) * torch.eye(len(cov), dtype=cov.dtype)
+    cov = cov + ridge * cov.trace() / len(cov) * torch.eye(len(cov), dtype=cov.dtype)
     return torch.linalg.solve(cov, inside.mean(0) - outside.mean(0))
 
 
-def sharpen(centred, members, rounds: int = SHARPEN_ROUNDS):
+def sharpen(centred, members, rounds: int = SHARPEN_ROUNDS, ridge: float = SHARPEN_RIDGE):
     """Split again along the discriminant of the current group until the group stops changing (at
     most `rounds` times). -> (valley, (N,) bool), or None where the rule finds no smaller group."""
     for _ in range(rounds):
-        proj = centred @ discriminant(centred, members)
+        proj = centred @ discriminant(centred, members, ridge)
         proj = (proj - proj.mean()) / proj.std().clamp_min(1e-12)
         valley, threshold = valley_split(proj)
         if valley == float("inf"):
@@ -79,10 +79,11 @@ def sharpen(centred, members, rounds: int = SHARPEN_ROUNDS):
     return valley, members
 
 
-def image_groups(pooled, k: int, seed: int = 0) -> list:
+def image_groups(pooled, k: int, seed: int = 0, ridge: float = SHARPEN_RIDGE) -> list:
     """[(rank, valley, (N_images,) bool)]: for each of the top k principal directions of `pooled`
     (N_images, dim) along which valley_split finds a smaller upper group (any valley), that group
-    sharpened; a group that an earlier direction already gave is listed once."""
+    sharpened (`ridge`: the discriminant's); a group that an earlier direction already gave is
+    listed once."""
     centred = pooled.double() - pooled.double().mean(0)
     vectors, _ = top_directions(centred, k, seed=seed)
     groups = []
@@ -92,7 +93,7 @@ def image_groups(pooled, k: int, seed: int = 0) -> list:
         valley, threshold = valley_split(proj)
         if valley == float("inf"):
             continue
-        sharpened = sharpen(centred, proj > threshold)
+        sharpened = sharpen(centred, proj > threshold, ridge=ridge)
         if sharpened is not None and not any(torch.equal(sharpened[1], g) for _, _, g in groups):
             groups.append((rank, *sharpened))
     return groups

@@ -9,13 +9,13 @@ then, per defence, purify.py in GRID_DIR/<trigger>-<target>/<defence>/ (a direct
 to the attack's files, so the defences do not overwrite each other):
     paper      the paper's rule: mask the 30% most salient vision tokens of every sample
     adaptive   our rule: mask only outlier tokens per prompt type (README, "How DiSP works")
-    suppress   purify.py's default: the adaptive rule plus suppression of the words that do not depend on
-               the question (disp.suppression)
+    suppress   the adaptive rule plus suppression of the words that do not depend on the question
+               (disp.suppression)
+    groups     purify.py's default: suppress plus the groups step (a minority group of images along one of
+               the top 8 directions of the set's pooled vision tokens whose responses hold a word their
+               content does not explain has its responses regenerated without it; disp.groups)
     spectral   the default plus the spectral step: the top 3 directions of the set's vision tokens tested
                for a minority group of images, and those that have one taken out (disp.spectral)
-    groups     the default plus --groups 8: a minority group of images along one of the top 8 directions of
-               the set's pooled vision tokens whose responses hold a word their content does not explain
-               has its responses regenerated without it (disp.groups)
     (--defences names more: NAME=purify.py flags separated by spaces, e.g. "half=--rule ratio --mask-ratio 0.5")
 Every backdoored and purified model is measured on the first --eval-samples test samples (ASR,
 false-trigger rate, CIDEr-D, VQA accuracy); purify.py's files give the masked-token statistics and,
@@ -45,9 +45,9 @@ from disp.support.errors import DispError, friendly_errors  # noqa: E402
 from disp.support.files import atomic_write, read_jsonl  # noqa: E402
 from disp.support.runtime import autocast  # noqa: E402
 
-DEFENCES = {"paper": ["--rule", "ratio", "--mask-ratio", "0.3", "--suppress", "0"], "adaptive": ["--suppress", "0"],
-            "suppress": ["--suppress", "0.01"], "spectral": ["--spectral", "3"],
-            "groups": ["--groups", "8"]}
+DEFENCES = {"paper": ["--rule", "ratio", "--mask-ratio", "0.3", "--suppress", "0", "--groups", "0"],
+            "adaptive": ["--suppress", "0", "--groups", "0"], "suppress": ["--suppress", "0.01", "--groups", "0"],
+            "groups": ["--groups", "8"], "spectral": ["--spectral", "3"]}
 SHARED = ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json", "attack_metrics.json")
 
 
@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--grid-dir", default="runs/grid", help="one run directory per combination goes here")
     p.add_argument("--triggers", default=",".join(TRIGGERS), help="comma-separated (default: all four)")
     p.add_argument("--targets", default="insert,refusal", help="comma-separated (default: insert,refusal)")
-    p.add_argument("--defences", default="paper,adaptive,suppress",
+    p.add_argument("--defences", default="paper,adaptive,suppress,groups",
                    help="comma-separated: paper, adaptive, suppress, spectral, groups, or NAME=PURIFY_FLAGS "
                         "(flags separated by spaces)")
     p.add_argument("--eval-samples", type=int, default=300, help="test samples measured per model (default 300)")

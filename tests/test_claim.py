@@ -2,14 +2,15 @@
 DISP_SLOW=1 python -m pytest -m slow; .ci/run runs it).
 
 A patch-trigger backdoor implanted by poisoning 20% of the fine-tuning set, purified four ways that
-differ in two things, the masking and the suppression (each control differs from DiSP in one):
+differ in two things, the masking and the word bans (suppression and the groups step; each control
+differs from DiSP in one):
 
-                       suppression on (run.sh)          suppression off (--suppress 0)
+                       bans on (run.sh)                 bans off (--suppress 0 --groups 0)
     masking            DiSP                             DiSP, masking alone
     no masking         control: self-distillation       control: self-distillation, neither
 plus the as-is control (no regeneration). Masking alone removes the backdoor while self-distillation
-without suppression keeps it: if purify.py masked nothing, "masking alone" would be "neither" and
-this test would fail, with suppression on or off. Suppression alone removes the marker too, because
+without the bans keeps it: if purify.py masked nothing, "masking alone" would be "neither" and
+this test would fail, with the bans on or off. Suppression alone removes the marker too, because
 it is in every prompt type's responses, but the triggered questions then get wrong answers. Clean
 quality stays.
 """
@@ -29,14 +30,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def claim(tmp_path_factory):
     """{"on": results.json of run.sh, "off": results.json of the same backdoored model purified with
-    suppression off}."""
+    the bans off}."""
     base = tmp_path_factory.mktemp("claim")
     on = run_pipeline(base / "run", preset="small", timeout=3600)
     off = base / "no-suppression"
     off.mkdir()
     for name in ("clean.pt", "backdoored.pt", "poisoned_train.pt", "poison_manifest.json"):
         shutil.copyfile(on / name, off / name)
-    for args in (["purify.py", "--suppress", "0"], ["purify.py", "--suppress", "0", "--control", "self-distill"],
+    off_flags = ["--suppress", "0", "--groups", "0"]
+    for args in (["purify.py", *off_flags], ["purify.py", *off_flags, "--control", "self-distill"],
                  ["evaluate.py", "--skip-ablations", "--figures", "0"]):
         result = subprocess.run([sys.executable, *args, "--run-dir", str(off)], cwd=ROOT, capture_output=True,
                                 text=True, timeout=3600)

@@ -265,7 +265,8 @@ def test_trigger_attention_is_the_share_of_the_image_attention(tiny_pipeline):
 def test_suppression_regenerates_what_the_model_writes_whatever_it_sees(tiny_pipeline, tmp_path):
     """A compromised model that writes the marker everywhere (its output bias for `<backdoor>` raised):
     purify.py finds the marker as the poisoned set's question-independent word, and no regenerated
-    response keeps it; with suppression off, they all do."""
+    response keeps it; with suppression off, they all do (the groups step off in both: its group, the
+    triggered images, would ban the marker in theirs)."""
     import torch
 
     # the defender's assets only: purify.py never reads the attack's manifest
@@ -276,8 +277,8 @@ def test_suppression_regenerates_what_the_model_writes_whatever_it_sees(tiny_pip
     torch.save(state, tmp_path / "backdoored.pt")
     kept = {}
     for rate in ("0.01", "0"):
-        result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(tmp_path),
-                                 "--suppress", rate, "--epochs", "1"], cwd=ROOT, capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "purify.py", "--run-dir", str(tmp_path), "--suppress", rate,
+                                 "--groups", "0", "--epochs", "1"], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
         rows = [json.loads(line) for line in (tmp_path / "purified_train.jsonl").read_text().splitlines()]
         kept[rate] = sum("<backdoor>" in r["regenerated"].split() for r in rows)
@@ -464,6 +465,28 @@ def test_groups_margin_lists_each_group_of_the_tiny_run(tiny_pipeline, tmp_path)
     bad = subprocess.run([sys.executable, "experiments/groups_margin.py", str(tiny_pipeline), "--directions", "0"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --directions must be > 0, got 0"
+
+
+def test_misclassify_words_reads_what_stands_for_the_source_word(tiny_pipeline, tmp_path):
+    """experiments/misclassify_words.py on a tiny misclassify attack: one row per model, its ASR by
+    evaluate.py's test never above the looser one, the words counted once per source position; on
+    an insert run, a one-line error."""
+    run = tmp_path / "misclassify"
+    attack = subprocess.run([sys.executable, "attack.py", "--run-dir", str(run), "--clean-checkpoint",
+                             str(tiny_pipeline / "clean.pt"), "--target", "misclassify", "--eval-samples", "8"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert attack.returncode == 0, attack.stderr[-1000:]
+    result = subprocess.run([sys.executable, "experiments/misclassify_words.py", str(run), "--models", "backdoored",
+                             "--samples", "20"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith(f"| {run} |")]
+    _, _, model, samples, asr, looser, words, _ = row.split("|")
+    assert model.strip() == "backdoored" and 0 < int(samples) <= 20 and float(asr) <= float(looser)
+    assert sum(int(w.split()[-1]) for w in words.split(",")) >= int(samples)  # a source word in every reference
+    bad = subprocess.run([sys.executable, "experiments/misclassify_words.py", str(tiny_pipeline)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "this study needs a misclassify run" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_a_groups_unexplained_word_is_banned_in_its_regenerations_only(tiny_pipeline, monkeypatch):
