@@ -154,7 +154,7 @@ def main(argv=None):
     # --- 1. saliency and selection (DiSP only) ----------------------------------------------------
     scores = masks = thresholds = shift = None
     directions, flagged = [], [False] * len(data)  # the spectral step's (--spectral K; off by default)
-    groups = []  # --groups K's
+    groups = []  # the groups step's (--groups K)
     if settings.control is None:
         t = time.time()
         scores, masks, thresholds = purification.select_tokens(model, tokenizer, data, settings, device)

@@ -1,5 +1,5 @@
 """Unexplained words of an image group: our extension for spread triggers with a content target
-(purify.py --groups K).
+(purify.py's groups step, --groups K, on by default with K = 8).
 
 A blended trigger that turns "red" into "green" sits in no vision token, and the compromised model
 keeps answering "green" however its tokens are masked, blurred or moved (experiments/README.md,

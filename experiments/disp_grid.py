@@ -19,8 +19,8 @@ to the attack's files, so the defences do not overwrite each other):
     (--defences names more: NAME=purify.py flags separated by spaces, e.g. "half=--rule ratio --mask-ratio 0.5")
 Every backdoored and purified model is measured on the first --eval-samples test samples (ASR,
 false-trigger rate, CIDEr-D, VQA accuracy); purify.py's files give the masked-token statistics and,
-scored against the attack's manifest, how well "the response changed" and the spectral step's flagged
-images find the poisoned samples. Writes GRID_DIR/disp_grid.md and .json;
+scored against the attack's manifest, how well "the response changed" and the samples that the
+spectral or groups step flagged find the poisoned samples. Writes GRID_DIR/disp_grid.md and .json;
 a step whose output exists is not rerun (delete a directory to redo it).
 """
 
@@ -160,7 +160,7 @@ def write_table(grid: Path, results: dict, quiet: bool = False):
         return "n/a" if v is None else f"{v:.3f}"
 
     lines = ["| trigger-target | model | ASR | false trigger | CIDEr-D | VQA | poisoned samples masked | "
-             "clean samples masked | detection precision | recall | suppressed words | spectral: flagged | "
+             "clean samples masked | detection precision | recall | suppressed words | flagged (spectral, groups) | "
              "precision | recall |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for key, row in results.items():
         for name, m in row.items():
