@@ -467,10 +467,18 @@ def test_groups_margin_lists_each_group_of_the_tiny_run(tiny_pipeline, tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --directions must be > 0, got 0"
 
 
+def test_words_at_source_counts_each_source_position_once():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from misclassify_words import words_at_source
+
+    outputs = ["a green circle , a green square", "a red", "a"]
+    references = ["a red circle , a green square", "a red circle , a red square", "a red"]
+    assert words_at_source(outputs, references, "red") == {"green": 1, "red": 1, "(none)": 2}
+
+
 def test_misclassify_words_reads_what_stands_for_the_source_word(tiny_pipeline, tmp_path):
     """experiments/misclassify_words.py on a tiny misclassify attack: one row per model, its ASR by
-    evaluate.py's test never above the looser one, the words counted once per source position; on
-    an insert run, a one-line error."""
+    evaluate.py's test never above the looser one; on an insert run, a one-line error."""
     run = tmp_path / "misclassify"
     attack = subprocess.run([sys.executable, "attack.py", "--run-dir", str(run), "--clean-checkpoint",
                              str(tiny_pipeline / "clean.pt"), "--target", "misclassify", "--eval-samples", "8"],
@@ -482,7 +490,7 @@ def test_misclassify_words_reads_what_stands_for_the_source_word(tiny_pipeline, 
     (row,) = [line for line in result.stdout.splitlines() if line.startswith(f"| {run} |")]
     _, _, model, samples, asr, looser, words, _ = row.split("|")
     assert model.strip() == "backdoored" and 0 < int(samples) <= 20 and float(asr) <= float(looser)
-    assert sum(int(w.split()[-1]) for w in words.split(",")) >= int(samples)  # a source word in every reference
+    assert words.strip()  # what stands where the references hold the source word
     bad = subprocess.run([sys.executable, "experiments/misclassify_words.py", str(tiny_pipeline)],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "this study needs a misclassify run" in bad.stderr
