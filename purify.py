@@ -153,8 +153,8 @@ def main(argv=None):
 
     # --- 1. saliency and selection (DiSP only) ----------------------------------------------------
     scores = masks = thresholds = shift = None
-    directions, flagged = [], [False] * len(data)  # the spectral step's (--spectral K; off by default)
-    groups = []  # the groups step's (--groups K)
+    directions, groups = [], []  # the spectral step's (--spectral K, off by default), the groups step's
+    flagged = [False] * len(data)  # the samples either step flags
     if settings.control is None:
         t = time.time()
         scores, masks, thresholds = purification.select_tokens(model, tokenizer, data, settings, device)
@@ -167,7 +167,7 @@ def main(argv=None):
         groups, in_group = purification.find_groups(model, tokenizer, data, settings, device)
         flagged = [a or b for a, b in zip(flagged, in_group)]
 
-    # --- 2. masked regeneration, 3. suppression (not for as-is) -----------------------------------
+    # --- 2. masked regeneration, 3. suppression, 4. the groups' words (not for as-is) ------------
     t = time.time()
     responses, banned, prompt_types = purification.new_responses(model, tokenizer, data, masks, flagged, settings,
                                                                   device, shift, groups)
@@ -178,7 +178,7 @@ def main(argv=None):
     print(f"{n_changed} of {len(data)} responses changed")
     purified = purification.with_responses(data, responses, name)
 
-    # --- 4. refinement --------------------------------------------------------------------------
+    # --- 5. refinement --------------------------------------------------------------------------
     def save_resume(step, optimizer, rng):
         checkpoint.save(resume_path, stage=name, model=model, config=config, tokenizer=tokenizer,
                         optimizer=optimizer, step=step, finished=False, rng=rng, made_from=made_from,
