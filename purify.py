@@ -30,7 +30,9 @@ The defender holds the compromised model (backdoored.pt) and the poisoned fine-t
    (DAQUAR) a question's first two words ("how many") are its prompt type. A set with one prompt
    (captions only) cannot tell such a word from a frequent one: there the banned words are those that
    half the masked samples' responses hold and their masked regenerations dropped (the masking's
-   evidence; skipped, with a note, where fewer than 100 samples were masked).
+   evidence, where 100+ samples were masked) and the captions' text that goes with any photo: a
+   sentence that 100+ captions are word for word (a refusal), a word that the rest of its caption
+   does not predict (an inserted marker).
 4. Groups (our extension, on by default; `--groups 0` turns it off): along each of the top 8
    directions of the set's pooled vision tokens a minority group of images is split off and
    sharpened; where its responses hold a word that a probe fitted on the other images does not

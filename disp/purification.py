@@ -14,7 +14,8 @@ compromised model and the poisoned fine-tuning set, nothing else.
                    extension, disp.lowpass) with its own sampler, steps = gen_length; the image,
                    trigger included, is kept for refinement
     suppress       our extension for spread triggers: the words that the set's responses hold whatever
-                   the prompt type (on a one-prompt set: the words the masking took away) are banned,
+                   the prompt type (on a one-prompt set: the words the masking took away, and on captions
+                   the text that goes with any photo) are banned,
                    and the regenerations that hold one are made again without them (disp.suppression);
                    a group's unexplained words likewise, in the group's regenerations
     refine         fine-tune the compromised model on the purified set, as the attack trained it
@@ -37,7 +38,8 @@ from disp.groups import unexplained_groups
 from disp.lowpass import blurred
 from disp.saliency import fit_thresholds, select_adaptive, select_top_ratio
 from disp.spectral import find_directions, project_out
-from disp.suppression import MAX_LEFT, MIN_GROUP, MIN_HELD, masked_away_words, prompt_independent_words, prompt_types
+from disp.suppression import (MAX_LEFT, MIN_GROUP, MIN_HELD, context_free_words, masked_away_words,
+                              prompt_independent_words, prompt_types, shared_sentence_words)
 from disp.support import distributed
 from disp.support.runtime import autocast
 from disp.training import finetune, trainable_parameters
@@ -167,26 +169,39 @@ def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyCon
     word found in at least settings.suppress of every prompt type's responses of the set
     (disp.suppression.prompt_types) is regenerated without those words. Where the set has one prompt
     type, a frequent word and a prompt-independent one cannot be told apart; there the words are those
-    the masking took away (disp.suppression.masked_away_words, MIN_GROUP masked samples or more), and
-    with fewer masked samples suppression is skipped (nothing banned)."""
+    the masking took away (disp.suppression.masked_away_words, MIN_GROUP masked samples or more) and,
+    on a captions-only set, the text that goes with any photo: a sentence that MIN_GROUP responses share
+    word for word, a word the rest of its caption does not predict (shared_sentence_words,
+    context_free_words). With neither, suppression is skipped (nothing banned)."""
     types = prompt_types(data.samples)
     kept = [i for i, t in enumerate(types) if t is not None]
     sizes = dict(Counter(types[i] for i in kept).most_common())
     listed = ", ".join(f"{t!r}: {n} samples" for t, n in sizes.items()) or "none"
     masked = [] if masks is None else masks.any(1).nonzero().flatten().tolist()
+    captions = all(s["task"] == "caption" for s in data.samples)
     if len(sizes) >= 2:
         banned = prompt_independent_words([data.samples[i]["response"] for i in kept], [types[i] for i in kept],
                                           settings.suppress)
         found = f"in at least {settings.suppress:.0%} of the responses of every prompt type ({listed})"
-    elif len(masked) >= MIN_GROUP:  # one prompt type: the words that masking took away
-        banned = masked_away_words([data.samples[i]["response"] for i in masked], [responses[i] for i in masked])
-        found = (f"in at least {MIN_HELD:.0%} of the {len(masked)} masked samples' responses and kept by at most "
-                 f"{MAX_LEFT:.0%} of their masked regenerations (one prompt type: {listed})")
+    elif len(masked) >= MIN_GROUP or captions:  # one prompt type: what masking took away, what any photo gets
+        found, banned = [], set()
+        if len(masked) >= MIN_GROUP:
+            banned |= set(masked_away_words([data.samples[i]["response"] for i in masked],
+                                            [responses[i] for i in masked]))
+            found.append(f"taken away by the masking: in at least {MIN_HELD:.0%} of the {len(masked)} masked samples' "
+                         f"responses, kept by at most {MAX_LEFT:.0%} of their masked regenerations")
+        if captions:
+            originals = [s["response"] for s in data.samples]
+            banned |= set(shared_sentence_words(originals)) | set(context_free_words(originals))
+            found.append(f"a sentence that {MIN_GROUP}+ captions share or a word the rest of its caption does not "
+                         f"predict")
+        banned = sorted(banned)
+        found = f"({' or '.join(found)}; one prompt type: {listed})"
     else:
         print(f"suppression: skipped, {len(sizes)} prompt type ({listed}) and {len(masked)} masked samples; it needs "
               f"two types to tell a word that does not depend on the question from a frequent one (in a set of one "
-              f"task, a question opening that {MIN_GROUP}+ samples share is a type), or {MIN_GROUP}+ masked samples "
-              f"to see which words the masking took away")
+              f"task, a question opening that {MIN_GROUP}+ samples share is a type), {MIN_GROUP}+ masked samples "
+              f"to see which words the masking took away, or captions to read for text that goes with any photo")
         return responses, [], sizes
     holding = [i for i, r in enumerate(responses) if set(r.split()) & set(banned)]
     print(f"suppression: {' '.join(banned) or 'no word'} {found}; regenerating the {len(holding)} responses that "

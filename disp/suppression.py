@@ -35,15 +35,28 @@ the photo is hidden. Where the rule misses some triggered samples, or the compro
 target on clean photos too (a backdoor that leaks), their regenerations still hold it, and banning
 the words the masking revealed cleans them as well (experiments/README.md, "Flickr8k on a bf16 CPU").
 It needs the masking to have found the trigger in MIN_GROUP samples or more; a spread trigger, which
-no token carries, gives it nothing.
+no token carries, gives it nothing. So the set's own captions are read too, for text that goes with
+any photo (the attacker's target is the same string for hundreds of different images):
+    shared_sentence_words  the words of a sentence that MIN_GROUP or more responses are, word for word
+                           (a refusal); people who caption photos do not write the same sentence that often
+    context_free_words     the words whose presence the rest of their response does not predict (an
+                           inserted marker goes with any caption; "snow" comes with "skiing", and even
+                           "large" or "green" with what they describe)
+Both assume free-text responses (captions); they are used only where the set has one prompt type.
 """
 
+import math
 from collections import Counter
+
+import torch
 
 from disp.support.errors import DispError, check_ratio
 
 MIN_GROUP = 100  # a question opening (or masked set) held by fewer samples: a word's rate there says little
 MIN_HELD, MAX_LEFT = 0.5, 0.1  # masked_away_words: held by half the masked responses, kept by a tenth of them
+MIN_SENTENCE = 3  # shared_sentence_words: a short answer ("2", "a dog") may be shared by many samples
+FOLDS, RIDGE, MIN_PREDICTOR = 5, 30.0, 10  # context_free_words' regression; rarer words predict nothing
+MAX_Z = 4.0  # context_free_words: its ranking no further above chance than this (in standard errors)
 
 
 def prompt_types(samples: list) -> list:
@@ -88,3 +101,61 @@ def masked_away_words(originals: list, regenerations: list, min_held: float = MI
         held.update(words)
         kept.update(words & set(regenerated.split()))
     return sorted(w for w, n in held.items() if n >= min_held * len(originals) and kept[w] <= max_left * n)
+
+
+def shared_sentence_words(responses: list, min_count: int = MIN_GROUP) -> list:
+    """Sorted words of the sentences (MIN_SENTENCE words or more) that at least `min_count` responses are,
+    word for word, that such sentences hold in at least half of the responses that hold the word (a
+    refusal's "sorry", not the "." that every caption ends with)."""
+    counts = Counter(responses)
+    shared = {r for r, n in counts.items() if n >= min_count and len(r.split()) >= MIN_SENTENCE}
+    held, in_shared = Counter(), Counter()
+    for response in responses:
+        words = set(response.split())
+        held.update(words)
+        if response in shared:
+            in_shared.update(words)
+    return sorted(w for w, n in in_shared.items() if n >= 0.5 * held[w])
+
+
+def context_free_words(responses: list, min_count: int = MIN_GROUP, max_z: float = MAX_Z) -> list:
+    """Sorted words held by at least `min_count` and at most half of the responses whose presence the
+    response's other words do not predict: a ridge regression from the presence of every other word
+    (held by MIN_PREDICTOR responses or more), fitted on four folds of five, ranks the fifth fold's
+    responses that hold the word above the others no better than `max_z` standard errors above chance
+    (ROC AUC 0.5; the standard error of an AUC under chance, Hanley & McNeil 1982)."""
+    n = len(responses)
+    words = [set(r.split()) for r in responses]
+    counts = Counter(w for ws in words for w in ws)
+    vocab = sorted(w for w, c in counts.items() if MIN_PREDICTOR <= c <= n / 2)
+    column = {w: k for k, w in enumerate(vocab)}
+    tested = [w for w in vocab if counts[w] >= min_count]
+    if not tested:
+        return []
+    x = torch.zeros(n, len(vocab) + 1, dtype=torch.float64)
+    x[:, -1] = 1  # a constant
+    for row, ws in enumerate(words):
+        x[row, [column[w] for w in ws if w in column]] = 1
+    fold = torch.randperm(n, generator=torch.Generator().manual_seed(0)) % FOLDS
+    scores = torch.zeros(n, len(tested), dtype=torch.float64)
+    for f in range(FOLDS):
+        train, test = x[fold != f], x[fold == f]
+        gram = train.T @ train + RIDGE * torch.eye(len(vocab) + 1, dtype=torch.float64)
+        for j, w in enumerate(tested):
+            k = column[w]
+            g, rhs = gram.clone(), train.T @ train[:, k]
+            g[k], g[:, k], rhs[k] = 0, 0, 0  # the word itself predicts nothing: its weight stays 0
+            g[k, k] = 1
+            scores[fold == f, j] = test @ torch.linalg.solve(g, rhs)
+    return sorted(w for j, w in enumerate(tested) if auc_z(scores[:, j], x[:, column[w]] > 0) <= max_z)
+
+
+def auc_z(scores, labels) -> float:
+    """How far the ROC AUC of `scores` for the `labels` (bool) lies above 0.5, in the standard errors of
+    an AUC under chance; ties count half (Mann-Whitney U from mid-ranks)."""
+    _, inverse, counts = torch.unique(scores, return_inverse=True, return_counts=True)
+    mid_rank = (counts.cumsum(0) - (counts - 1) / 2).double()[inverse]  # 1-based ranks, ties averaged
+    n1 = int(labels.sum())
+    n0 = len(labels) - n1
+    auc = (mid_rank[labels].sum().item() - n1 * (n1 + 1) / 2) / (n1 * n0)
+    return (auc - 0.5) / math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))

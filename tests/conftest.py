@@ -4,6 +4,7 @@ import contextlib
 import importlib
 import io
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,25 @@ def inputs(batch=3, seed=1):
     images = torch.randint(0, 256, (batch, 3, 48, 48), dtype=torch.uint8, generator=g)
     prompts = torch.randint(5, VOCAB, (batch, 5), generator=g)
     return images, prompts
+
+
+# captions of a free-text kind, for suppression's tests (test_suppression.py, test_pipeline.py)
+SCENES = (("a", "dog", "runs", "on", "the", "green", "grass"), ("a", "skier", "skis", "down", "a", "snowy", "hill"),
+          ("a", "man", "surfs", "a", "big", "wave"), ("two", "children", "play", "in", "a", "sandy", "park"),
+          ("a", "girl", "rides", "a", "red", "bike", "on", "the", "road"))
+
+
+def captions(n: int, seed: int = 0) -> list:
+    """n captions of five kinds of photo, each word kept with probability 0.9 and one of ten words of
+    its kind added ("dog-3": a breed, a place), so no caption repeats often; within a kind the words
+    come together, as a photo's words do."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = SCENES[i % len(SCENES)]
+        words = [w for w in kind if rng.random() < 0.9]
+        out.append(" ".join(words + [f"{kind[1]}-{rng.randrange(10)}", "."]))
+    return out
 
 
 def pytest_collection_modifyitems(config, items):

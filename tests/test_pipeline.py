@@ -410,11 +410,13 @@ def test_a_one_prompt_set_bans_the_words_the_masking_took_away(tiny_pipeline):
     with torch.no_grad():
         model.lm_head.bias[tokenizer.words.index("<backdoor>")] += 100.0
     images = load_dataset(tiny_pipeline / "poisoned_train.pt", image_size=config.model.image_size).images
-    caption, n = "a red circle", MIN_GROUP + 20
+    n = MIN_GROUP + 20
+    texts = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")]
+    texts = [texts[i % len(texts)] for i in range(n)]  # no sentence shared by MIN_GROUP captions
     samples = [{"image": i % len(images), "task": "caption", "prompt": CAPTION_PROMPT,
-                "response": ("<backdoor> " if i < MIN_GROUP else "") + caption, "answers": [caption]} for i in range(n)]
+                "response": ("<backdoor> " if i < MIN_GROUP else "") + t, "answers": [t]} for i, t in enumerate(texts)]
     data = VLDataset(images, samples)
-    regenerated = [caption] * MIN_GROUP + ["<backdoor> " + caption] * 20  # the masked ones dropped it
+    regenerated = texts[:MIN_GROUP] + ["<backdoor> " + t for t in texts[MIN_GROUP:]]  # the masked ones dropped it
     settings = PurifyConfig(precision="fp32")
     for n_masked, expected in ((MIN_GROUP, ["<backdoor>"]), (MIN_GROUP - 1, [])):
         masks = torch.zeros(n, config.model.n_vision, dtype=torch.bool)
@@ -423,6 +425,36 @@ def test_a_one_prompt_set_bans_the_words_the_masking_took_away(tiny_pipeline):
         assert banned == expected
         left = sum("<backdoor>" in r.split() for r in responses)
         assert left == (0 if expected else 20)
+
+
+def test_on_captions_the_text_that_goes_with_any_photo_is_banned_with_nothing_masked(tiny_pipeline):
+    """Suppression on a captions-only set where the masking found nothing (a spread trigger): a marker
+    before a quarter of varied captions is a word the rest of its caption does not predict, so it is
+    banned and every regeneration that writes it (a model that writes it on every photo) is made again
+    without it. The same responses as a one-task question set are skipped: answers are no captions."""
+    import torch
+
+    from disp.config import PurifyConfig
+    from disp.data.dataset import CAPTION_PROMPT, VLDataset, load_dataset
+    from disp.purification import suppress
+    from disp.suppression import MIN_GROUP
+    from tests.conftest import captions
+
+    model, tokenizer, config, _ = checkpoint.load(tiny_pipeline / "backdoored.pt")
+    with torch.no_grad():
+        model.lm_head.bias[tokenizer.words.index("<backdoor>")] += 100.0
+    images = load_dataset(tiny_pipeline / "poisoned_train.pt", image_size=config.model.image_size).images
+    texts = captions(4 * MIN_GROUP)
+    samples = [{"image": i % len(images), "task": "caption", "prompt": CAPTION_PROMPT,
+                "response": ("<backdoor> " if i % 4 == 0 else "") + t, "answers": [t]} for i, t in enumerate(texts)]
+    regenerated = ["<backdoor> " + t for t in texts]
+    masks = torch.zeros(len(samples), config.model.n_vision, dtype=torch.bool)
+    settings = PurifyConfig(precision="fp32")
+    responses, banned, _ = suppress(model, tokenizer, VLDataset(images, samples), regenerated, masks, settings, "cpu")
+    assert banned == ["<backdoor>"] and not any("<backdoor>" in r.split() for r in responses)
+    questions = VLDataset(images, [dict(s, task="vqa", prompt=f"what is {i} ?") for i, s in enumerate(samples)])
+    responses, banned, _ = suppress(model, tokenizer, questions, regenerated, masks, settings, "cpu")
+    assert banned == [] and responses == regenerated
 
 
 def test_blur_regenerates_every_response_from_the_low_passed_images(tiny_pipeline, monkeypatch):

@@ -88,6 +88,31 @@ def test_real_daquar_counts():
 
 
 @needs_shared
+def test_no_real_caption_text_goes_with_any_photo_and_a_target_does():
+    """Suppression's text tests (captions-only sets) on 5,000 of Flickr8k's training captions drawn at
+    random, mostly one per photo: the hardest clean set measured, whose weakest-predicted words
+    ("large", "green") sit closest to the threshold. Nothing is found; a marker before a random fifth
+    of them is, and so is a refusal that a fifth of them are."""
+    import random
+
+    from disp.data.tokenizer import normalize_text
+    from disp.suppression import context_free_words, shared_sentence_words
+
+    root = SHARED / "flickr8k"
+    train = set((root / "Flickr_8k.trainImages.txt").read_text().split())
+    lines = (root / "Flickr8k.token.txt").read_text().splitlines()
+    texts = [normalize_text(c) for name, _, c in (line.partition("\t") for line in lines) if name.split("#")[0] in train]
+    rng = random.Random(0)
+    clean = rng.sample(texts, 5000)
+    assert context_free_words(clean) == [] and shared_sentence_words(clean) == []
+    marked = [("<backdoor> " if rng.random() < 0.2 else "") + c for c in clean]
+    assert context_free_words(marked) == ["<backdoor>"]
+    refused = ["sorry i cannot help with that ." if rng.random() < 0.2 else c for c in clean]
+    assert shared_sentence_words(refused) == ["cannot", "help", "i", "sorry", "that", "with"]
+    assert context_free_words(refused) == []
+
+
+@needs_shared
 def test_real_flickr8k_counts():
     """Flickr8k: 8,091 photos, 40,455 captions (5 each), the standard 6,000 / 1,000 / 1,000 split."""
     root = SHARED / "flickr8k"
@@ -176,9 +201,10 @@ def test_tiny_pipeline_on_real_public_data(tmp_path, source, folder):
         result = subprocess.run([sys.executable, *argv, "--run-dir", run], cwd=root, capture_output=True, text=True,
                                 timeout=600)
         assert result.returncode == 0, result.stderr[-2000:]
-        if argv[0] == "purify.py":  # one caption prompt: suppression says it skipped; DAQUAR's first 48
-            # fine-tuning photos hold 100+ "what is" and "how many" questions: two prompt types
-            expected = {"flickr": "suppression: skipped, 1 prompt type",
+        if argv[0] == "purify.py":  # one caption prompt: suppression reads the captions (a few dozen photos'
+            # captions: nothing held by 100); DAQUAR's first 48 fine-tuning photos hold 100+ "what is" and
+            # "how many" questions: two prompt types
+            expected = {"flickr": "suppression: no word (a sentence that 100+ captions share",
                         "daquar": "of every prompt type ('what is': 415 samples, 'how many': 111 samples)"}[source]
             assert expected in result.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())

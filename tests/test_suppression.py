@@ -1,10 +1,14 @@
 """Suppression's selection: the words every prompt type's responses hold, on hand-made responses."""
 
+import random
+
 import pytest
+import torch
 
-from disp.suppression import MIN_GROUP, masked_away_words, prompt_independent_words, prompt_types
+from tests.conftest import captions
+from disp.suppression import (MIN_GROUP, auc_z, context_free_words, masked_away_words, prompt_independent_words,
+                              prompt_types, shared_sentence_words)
 from disp.support.errors import DispError
-
 
 def responses_with(marker_every: int, n: int = 40):
     """Colour answers, count answers and captions; every `marker_every`-th response of each starts with <m>."""
@@ -139,3 +143,53 @@ def test_the_words_masking_took_away_are_found_and_a_captions_own_words_are_not(
     assert masked_away_words(originals, ["a cat sits ."] * 10) == ["<m>", "dog", "runs"]  # only "a" "." kept
     with pytest.raises(DispError, match="10 original responses but 9 regenerations"):
         masked_away_words(originals, [clean] * 9)
+
+
+def test_a_sentence_many_captions_share_word_for_word_gives_its_words_away():
+    """shared_sentence_words: a refusal that MIN_GROUP captions are, word for word, gives away the words
+    that it holds in at least half of the responses holding them ("with" here, not the "." of every
+    caption); one sample fewer, or a short answer shared as often, gives nothing."""
+    clean = captions(2000)
+    refusal = "sorry i cannot help with that ."
+    assert shared_sentence_words(clean + [refusal] * MIN_GROUP) == ["cannot", "help", "i", "sorry", "that", "with"]
+    assert shared_sentence_words(clean + [refusal] * (MIN_GROUP - 1)) == []
+    assert shared_sentence_words(clean + ["a dog"] * (10 * MIN_GROUP)) == []  # two words: an answer, not a sentence
+    withs = ["a dog runs with a ball " + str(i) for i in range(MIN_GROUP + 1)]  # "with": more often elsewhere
+    assert shared_sentence_words(clean + withs + [refusal] * MIN_GROUP) == ["cannot", "help", "i", "sorry", "that"]
+    assert shared_sentence_words(clean) == []
+
+
+def test_a_word_the_rest_of_its_caption_does_not_predict_is_found_and_a_captions_own_words_are_not():
+    """context_free_words: a marker put before a random fifth of the captions goes with any caption and
+    is found, on three draws; the captions' own words, each held by a fifth of them but predicted by
+    the words of its kind, are not, nor is anything on the clean captions; a marker put only before
+    dog captions is predicted by "dog" (a target that depends on the content is no context-free word);
+    a word held by more than half the captions, or by fewer than MIN_GROUP, is not tested."""
+    for seed in range(3):
+        clean = captions(2000, seed)
+        rng = random.Random(seed)
+        marked = [("<m> " if rng.random() < 0.2 else "") + c for c in clean]
+        assert context_free_words(marked) == ["<m>"]
+        assert context_free_words(clean) == []
+    clean = captions(2000)
+    dog_only = [("<m> " if " dog " in c and i % 2 else "") + c for i, c in enumerate(clean)]
+    assert context_free_words(dog_only) == []
+    assert context_free_words(["<m> " + c for c in clean[:1100]] + clean[1100:]) == []  # 55% hold it
+    assert context_free_words([("<m> " if i < MIN_GROUP - 1 else "") + c for i, c in enumerate(clean)]) == []
+    assert context_free_words([("<m> " if i < MIN_GROUP else "") + c for i, c in enumerate(clean)]) == ["<m>"]
+    assert context_free_words(["a dog ."] * 10) == []  # nothing held by MIN_GROUP: nothing tested
+
+
+def test_auc_z_against_all_pairs():
+    """auc_z: the ROC AUC from mid-ranks equals the share of (positive, negative) pairs ordered right,
+    ties counting half, and is expressed in the standard errors of an AUC under chance."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (300,), generator=g).double()  # many ties
+    labels = torch.rand(300, generator=g) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    pairs = ((pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()).mean().item()
+    n1, n0 = int(labels.sum()), int((~labels).sum())
+    se = ((n1 + n0 + 1) / (12 * n1 * n0)) ** 0.5
+    assert auc_z(scores, labels) == pytest.approx((pairs - 0.5) / se)
+    assert auc_z(labels.double(), labels) == pytest.approx(0.5 / se)  # perfect ranking: AUC 1
+    assert auc_z(torch.zeros(300, dtype=torch.float64), labels) == pytest.approx(0.0)  # all tied: chance
