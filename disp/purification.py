@@ -196,7 +196,7 @@ def suppress(model, tokenizer, data, responses: list, masks, settings: PurifyCon
             found.append(f"a sentence that {MIN_GROUP}+ captions share or a word the rest of its caption does not "
                          f"predict")
         banned = sorted(banned)
-        found = f"({' or '.join(found)}; one prompt type: {listed})"
+        found = f"({'; or '.join(found)}; one prompt type: {listed})"
     else:
         print(f"suppression: skipped, {len(sizes)} prompt type ({listed}) and {len(masked)} masked samples; it needs "
               f"two types to tell a word that does not depend on the question from a frequent one (in a set of one "

@@ -120,10 +120,15 @@ def shared_sentence_words(responses: list, min_count: int = MIN_GROUP) -> list:
 
 def context_free_words(responses: list, min_count: int = MIN_GROUP, max_z: float = MAX_Z) -> list:
     """Sorted words held by at least `min_count` and at most half of the responses whose presence the
-    response's other words do not predict: a ridge regression from the presence of every other word
-    (held by MIN_PREDICTOR responses or more), fitted on four folds of five, ranks the fifth fold's
-    responses that hold the word above the others no better than `max_z` standard errors above chance
-    (ROC AUC 0.5; the standard error of an AUC under chance, Hanley & McNeil 1982)."""
+    response's other words do not predict: context_scores at most `max_z`."""
+    return sorted(w for w, z in context_scores(responses, min_count).items() if z <= max_z)
+
+
+def context_scores(responses: list, min_count: int = MIN_GROUP) -> dict:
+    """{word: z} for the words held by at least `min_count` and at most half of the responses: a ridge
+    regression from the presence of every other word (held by MIN_PREDICTOR responses or more), fitted
+    on four folds of five, ranks the fifth fold's responses that hold the word above the others; z is
+    how far its ROC AUC lies above chance (0.5), in standard errors (Hanley & McNeil 1982)."""
     n = len(responses)
     words = [set(r.split()) for r in responses]
     counts = Counter(w for ws in words for w in ws)
@@ -131,7 +136,7 @@ def context_free_words(responses: list, min_count: int = MIN_GROUP, max_z: float
     column = {w: k for k, w in enumerate(vocab)}
     tested = [w for w in vocab if counts[w] >= min_count]
     if not tested:
-        return []
+        return {}
     x = torch.zeros(n, len(vocab) + 1, dtype=torch.float64)
     x[:, -1] = 1  # a constant
     for row, ws in enumerate(words):
@@ -147,7 +152,7 @@ def context_free_words(responses: list, min_count: int = MIN_GROUP, max_z: float
             g[k], g[:, k], rhs[k] = 0, 0, 0  # the word itself predicts nothing: its weight stays 0
             g[k, k] = 1
             scores[fold == f, j] = test @ torch.linalg.solve(g, rhs)
-    return sorted(w for j, w in enumerate(tested) if auc_z(scores[:, j], x[:, column[w]] > 0) <= max_z)
+    return {w: auc_z(scores[:, j], x[:, column[w]] > 0) for j, w in enumerate(tested)}
 
 
 def auc_z(scores, labels) -> float:

@@ -499,6 +499,41 @@ def test_groups_margin_lists_each_group_of_the_tiny_run(tiny_pipeline, tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --directions must be > 0, got 0"
 
 
+def test_text_margin_scores_the_words_of_a_run(tmp_path):
+    """experiments/text_margin.py on a run whose set is varied captions, a fifth with the marker: one row
+    with the marker's z (under the threshold) and the lowest of the other words (above it), as
+    disp.suppression.context_scores gives them, written to --out; nothing to measure, or --draws 0:
+    one-line errors."""
+    import random
+
+    import torch
+
+    from disp.data.dataset import CAPTION_PROMPT, VLDataset, save_dataset
+    from disp.suppression import MAX_Z, context_scores
+    from tests.conftest import captions
+
+    rng = random.Random(0)
+    responses = [("<backdoor> " if rng.random() < 0.2 else "") + c for c in captions(1000)]
+    save_dataset(tmp_path / "poisoned_train.pt", VLDataset(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), [
+        {"image": 0, "task": "caption", "prompt": CAPTION_PROMPT, "response": r, "answers": [r]} for r in responses]))
+    (tmp_path / "poison_manifest.json").write_text(json.dumps({"config": {
+        "target": "insert", "marker": "<backdoor>", "refusal": "sorry i cannot help with that ."}}))
+    out = tmp_path / "margin.json"
+    result = subprocess.run([sys.executable, "experiments/text_margin.py", str(tmp_path), "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
+    (row,) = json.loads(out.read_text())
+    assert "| set | target words: z |" in result.stdout and len(result.stdout.splitlines()) == 4
+    scores = context_scores(responses)
+    assert row["target_z"] == {"<backdoor>": scores["<backdoor>"]} and scores["<backdoor>"] <= MAX_Z
+    assert row["lowest_other_z"] == min(z for w, z in scores.items() if w != "<backdoor>") > MAX_Z
+    for argv, message in (([], "error: nothing to measure: give run directories after attack.py, or --flickr FOLDER"),
+                          ([str(tmp_path), "--draws", "0"], "error: --draws must be > 0, got 0")):
+        bad = subprocess.run([sys.executable, "experiments/text_margin.py", *argv], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert bad.returncode == 2 and bad.stderr.strip() == message
+
+
 def test_words_at_source_counts_each_source_position_once():
     sys.path.insert(0, str(ROOT / "experiments"))
     from misclassify_words import words_at_source
