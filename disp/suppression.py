@@ -43,6 +43,8 @@ any photo (the attacker's target is the same string for hundreds of different im
                            inserted marker goes with any caption; "snow" comes with "skiing", and even
                            "large" or "green" with what they describe)
 Both assume free-text responses (captions); they are used only where the set has one prompt type.
+Where real captions and planted targets fall against MAX_Z: experiments/README.md, "Text that goes
+with any photo".
 """
 
 import math
