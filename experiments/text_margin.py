@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: find the disp package
 from disp.data.dataset import load_dataset  # noqa: E402
-from disp.data.tokenizer import normalize_text  # noqa: E402
+from disp.data.readers import flickr_captions  # noqa: E402
 from disp.suppression import MAX_Z, context_scores, shared_sentence_words  # noqa: E402
 from disp.support.errors import DispError, check_positive, friendly_errors  # noqa: E402
 from disp.support.files import read_json, write_json  # noqa: E402
@@ -46,9 +46,8 @@ def run_rows(run_dir: Path) -> list:
 
 
 def flickr_rows(root: Path, draws: int) -> list:
-    train = set((root / "Flickr_8k.trainImages.txt").read_text().split())
-    lines = (root / "Flickr8k.token.txt").read_text().splitlines()
-    texts = [normalize_text(c) for name, _, c in (line.partition("\t") for line in lines) if name.split("#")[0] in train]
+    captions, _ = flickr_captions(root / "Flickr8k.token.txt", root / "Flickr_8k.trainImages.txt")
+    texts = [c for per_image in captions.values() for c in per_image]
     rows = []
     for draw in range(draws):
         rng = random.Random(draw)

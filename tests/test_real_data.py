@@ -95,13 +95,12 @@ def test_no_real_caption_text_goes_with_any_photo_and_a_target_does():
     of them is, and so is a refusal that a fifth of them are."""
     import random
 
-    from disp.data.tokenizer import normalize_text
+    from disp.data.readers import flickr_captions
     from disp.suppression import context_free_words, shared_sentence_words
 
     root = SHARED / "flickr8k"
-    train = set((root / "Flickr_8k.trainImages.txt").read_text().split())
-    lines = (root / "Flickr8k.token.txt").read_text().splitlines()
-    texts = [normalize_text(c) for name, _, c in (line.partition("\t") for line in lines) if name.split("#")[0] in train]
+    captions, _ = flickr_captions(root / "Flickr8k.token.txt", root / "Flickr_8k.trainImages.txt")
+    texts = [c for per_image in captions.values() for c in per_image]
     rng = random.Random(0)
     clean = rng.sample(texts, 5000)
     assert context_free_words(clean) == [] and shared_sentence_words(clean) == []

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from tests.conftest import captions
-from disp.suppression import (MIN_GROUP, auc_z, context_free_words, masked_away_words, prompt_independent_words,
-                              prompt_types, shared_sentence_words)
+from disp import suppression
+from disp.suppression import (MIN_GROUP, auc_z, context_free_words, context_scores, masked_away_words,
+                              prompt_independent_words, prompt_types, shared_sentence_words)
 from disp.support.errors import DispError
 
 def responses_with(marker_every: int, n: int = 40):
@@ -193,3 +194,28 @@ def test_auc_z_against_all_pairs():
     assert auc_z(scores, labels) == pytest.approx((pairs - 0.5) / se)
     assert auc_z(labels.double(), labels) == pytest.approx(0.5 / se)  # perfect ranking: AUC 1
     assert auc_z(torch.zeros(300, dtype=torch.float64), labels) == pytest.approx(0.0)  # all tied: chance
+
+
+def test_context_scores_match_one_regression_per_word():
+    """context_scores fits every word's regression at once from one inverse per fold; the same scores
+    come from solving, for each word, the ridge regression on the other words' columns alone."""
+    rng = random.Random(1)
+    responses = [("<m> " if rng.random() < 0.2 else "") + c for c in captions(600)]
+    words = [set(r.split()) for r in responses]
+    counts = {w: sum(w in ws for ws in words) for w in set().union(*words)}
+    vocab = sorted(w for w, c in counts.items() if suppression.MIN_PREDICTOR <= c <= len(responses) / 2)
+    x = torch.tensor([[float(w in ws) for w in vocab] + [1.0] for ws in words], dtype=torch.float64)
+    fold = torch.randperm(len(responses), generator=torch.Generator().manual_seed(0)) % suppression.FOLDS
+    expected = {}
+    for w in (w for w in vocab if counts[w] >= 100):
+        k, scores = vocab.index(w), torch.zeros(len(responses), dtype=torch.float64)
+        others = [j for j in range(len(vocab) + 1) if j != k]
+        for f in range(suppression.FOLDS):
+            a = x[fold != f][:, others]
+            beta = torch.linalg.solve(a.T @ a + suppression.RIDGE * torch.eye(len(others), dtype=torch.float64),
+                                      a.T @ x[fold != f][:, k])
+            scores[fold == f] = x[fold == f][:, others] @ beta
+        expected[w] = auc_z(scores, x[:, k] > 0)
+    got = context_scores(responses)
+    assert set(got) == set(expected) and "<m>" in got
+    assert all(got[w] == pytest.approx(expected[w], abs=1e-3) for w in got)  # ties may fall either way

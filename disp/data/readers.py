@@ -282,25 +282,15 @@ def load_karpathy(split_json, image_dir, split: str, image_size: int, max_images
     return _assemble(entries, image_size, f"{path} split {split!r}", {"dataset": "karpathy", "split": split})
 
 
-def load_flickr_tokens(
-    token_file, image_dir, image_size: int, image_list=None, max_images: Optional[int] = None
-) -> VLDataset:
-    """Flickr8k / Flickr30k caption token files (Flickr8k.token.txt, results_20130124.token).
-
-    Each line: "<file name>#<caption number>\\t<caption>", e.g.
-    "1000268201_693b08cb0e.jpg#0\\tA child in a pink dress ." Images keep the order in which the
-    token file first names them. image_list (e.g. Flickr_8k.trainImages.txt, one file name per line)
-    keeps only the images it names. Line numbers in error messages count from 1.
-    """
-    image_size = _check_image_size(image_size)
-    max_images = _check_max_images(max_images)
+def flickr_captions(token_file, image_list=None) -> tuple:
+    """The captions of a Flickr token file, without the photos: ({file name: [normalised captions]},
+    {file name: the line that first names it}), in the order the file first names the images;
+    image_list keeps only the images it names. Line numbers count from 1."""
     path = Path(token_file)
     lines = _read_lines(path, "Flickr token file")
-    image_dir = _require_dir(image_dir, "Flickr image folder")
     keep = None
     if image_list is not None:
         keep = {line.strip() for line in _read_lines(image_list, "Flickr image list") if line.strip()}
-
     captions, first_line = {}, {}  # dicts keep first-seen order
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -315,6 +305,24 @@ def load_flickr_tokens(
             continue
         captions.setdefault(file_name, []).append(normalize_text(caption))
         first_line.setdefault(file_name, number)
+    return captions, first_line
+
+
+def load_flickr_tokens(
+    token_file, image_dir, image_size: int, image_list=None, max_images: Optional[int] = None
+) -> VLDataset:
+    """Flickr8k / Flickr30k caption token files (Flickr8k.token.txt, results_20130124.token).
+
+    Each line: "<file name>#<caption number>\\t<caption>", e.g.
+    "1000268201_693b08cb0e.jpg#0\\tA child in a pink dress ." Images keep the order in which the
+    token file first names them. image_list (e.g. Flickr_8k.trainImages.txt, one file name per line)
+    keeps only the images it names. Line numbers in error messages count from 1.
+    """
+    image_size = _check_image_size(image_size)
+    max_images = _check_max_images(max_images)
+    path = Path(token_file)
+    captions, first_line = flickr_captions(path, image_list)
+    image_dir = _require_dir(image_dir, "Flickr image folder")
 
     entries = []
     for file_name, texts in captions.items():
